@@ -1,0 +1,534 @@
+"""Memory-efficient training of a width-2 residual network on one device.
+
+The API is the reference implementation's::
+
+    from blpa import graph
+    net = graph.Graph(graph.SimpleData([128, 32, 32, 3]), graph.LogLoss())
+    net.add(3, 16, 1, 'SAME', graph.NLDef(False, False, False, None, False))
+    ...
+    net.close(qtype=4, WD=2e-4)
+    acc, loss = net.forward(x, y)
+    net.backward(lr)
+
+``forward`` computes the network exactly and keeps, per layer, a K-bit copy
+of its activation (``qtype`` 4 or 8) or a full copy (``qtype`` 0) in device
+variables; ``backward`` walks the layers from last to first with
+hand-written gradients that read those copies, restoring one layer at a time,
+and applies momentum SGD.  Layers that are not BN+ReLU, the max-pool layer
+and the last layer always keep full-precision copies (their activations
+cannot be restored with an exact ReLU mask from K-bit codes).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from blpa import checkpoint
+from blpa import layers as layers_lib
+from blpa.layers import LogLoss, NLDef, SimpleData  # pylint: disable=unused-import
+
+MOMENTUM = 0.9
+
+
+class Graph:
+  """A residual network trained with backprop on approximate activations.
+
+  Args:
+    data_layer: a :class:`SimpleData` giving the input shape.
+    loss_layer: a :class:`LogLoss`.
+  """
+
+  def __init__(self, data_layer, loss_layer):
+    if not isinstance(data_layer, SimpleData):
+      raise TypeError('Graph: data_layer must be a SimpleData, got '
+                      f'{type(data_layer).__name__}')
+    if not isinstance(loss_layer, LogLoss):
+      raise TypeError('Graph: loss_layer must be a LogLoss, got '
+                      f'{type(loss_layer).__name__}')
+    self.input_shape = list(data_layer.shape)
+    self.layers = []
+    self.closed = False
+    self._shape = tuple(data_layer.shape[1:])
+    self._residual = None
+    self._functions = {}
+    self._pending_backward = False
+    self._accumulated = None
+
+  # --------------------------------------------------------------------------
+  # Definition
+  # --------------------------------------------------------------------------
+
+  def add(self, ksz, out_ch, stride, pad, nldef):
+    """Appends a layer: pre-activation block ``nldef``, then a convolution.
+
+    Args:
+      ksz: kernel size (square).
+      out_ch: output channels.
+      stride: convolution stride.
+      pad: ``'SAME'`` or ``'VALID'``.
+      nldef: an :class:`NLDef`.
+
+    Returns:
+      The new layer's index.
+
+    Raises:
+      ValueError: naming the layer and the problem, for a spec that cannot
+        be built (see :func:`blpa.layers.make_layer`).
+    """
+    if self.closed:
+      raise ValueError('Graph.add: the graph is closed; add layers before '
+                       'close()')
+    layer, self._residual = layers_lib.make_layer(
+        len(self.layers), ksz, out_ch, stride, pad, nldef, self._shape,
+        self._residual)
+    self.layers.append(layer)
+    self._shape = layer.out_shape
+    return layer.index
+
+  def close(self, qtype=0, WD=1e-4, multi=False):  # pylint: disable=invalid-name
+    """Finishes the network and creates its variables.
+
+    Args:
+      qtype: bits per stored activation: 0 (full precision), 8 or 4. At 4 or
+        8, only BN+ReLU layers without max pool, other than the last, keep
+        K-bit copies; every other layer keeps a full-precision copy.
+      WD: weight decay on convolution kernels.
+      multi: sub-batches per update for ``binit``/``hback``/``cback``
+        (``False`` or an integer ≥ 1).
+
+    Raises:
+      ValueError: for a bad qtype, WD or multi, an empty network, a
+        residual never joined, or a last layer whose output is not 1x1.
+    """
+    if self.closed:
+      raise ValueError('Graph.close: the graph is already closed')
+    self._check_close(qtype, WD, multi)
+    self.qtype = int(qtype)
+    self.weight_decay = float(WD)
+    self.multi = int(multi) if multi else 1
+    self.num_classes = self.layers[-1].out_ch
+    last = len(self.layers) - 1
+    for layer in self.layers:
+      eligible = (layer.nl.bn and layer.nl.relu and not layer.nl.maxpool
+                  and layer.index != last)
+      layer.bits = self.qtype if eligible else 0
+    self._make_variables()
+    self.closed = True
+
+  def _check_close(self, qtype, wd, multi):
+    if not self.layers:
+      raise ValueError('Graph.close: the network has no layers')
+    if isinstance(qtype, bool) or qtype not in layers_lib.QTYPES:
+      raise ValueError(f'Graph.close: qtype must be 0, 4 or 8, got {qtype!r}')
+    if not np.isscalar(wd) or not np.isfinite(wd) or wd < 0:
+      raise ValueError(f'Graph.close: WD must be a number >= 0, got {wd!r}')
+    if multi is not False and multi is not None and (
+        isinstance(multi, bool) or not isinstance(multi, (int, np.integer))
+        or multi < 1):
+      raise ValueError('Graph.close: multi must be False or an integer >= 1, '
+                       f'got {multi!r}')
+    if self._residual is not None:
+      raise ValueError(f'Graph.close: the residual from layer '
+                       f'{self._residual[1]} is never joined (no later layer '
+                       'has res_in)')
+    h, w, _ = self._shape
+    if (h, w) != (1, 1):
+      raise ValueError(f'Graph.close: {self.layers[-1].describe()} outputs '
+                       f'{h}x{w} but LogLoss needs 1x1 (use avpool or a VALID '
+                       'convolution covering the input)')
+
+  def _make_variables(self):
+    """Weights, momentum, saved-activation storage and running BN stats."""
+    self.params = []
+    self.weights = []
+    self.weight_names = []
+    for layer in self.layers:
+      params = {}
+      for name, shape in layer.param_shapes():
+        params[name] = tf.Variable(_initial(layer, name, shape, self.layers),
+                                   name=f'l{layer.index}_{name}')
+        self.weights.append(params[name])
+        self.weight_names.append(f'layer {layer.index} {name}')
+      self.params.append(params)
+    self.loss_bias = tf.Variable(tf.zeros([self.num_classes]),
+                                 name='loss_bias')
+    self.weights.append(self.loss_bias)
+    self.weight_names.append('loss bias')
+    self.momentum = [_zeros_like(w, 'momentum') for w in self.weights]
+    self.accumulators = ([_zeros_like(w, 'accumulator') for w in self.weights]
+                         if self.multi > 1 else None)
+    self.saved = [self._make_storage(layer) for layer in self.layers]
+    self.running = [
+        (tf.Variable(tf.zeros([l.in_ch]), trainable=False),
+         tf.Variable(tf.ones([l.in_ch]), trainable=False))
+        if l.has_scale else None for l in self.layers]
+    self.loss_grad = tf.Variable(tf.zeros([0, 1, 1, self.num_classes]),
+                                 shape=[None, 1, 1, self.num_classes],
+                                 trainable=False)
+
+  @staticmethod
+  def _make_storage(layer):
+    """Variables that hold what a layer saves between forward and backward."""
+    h, w, c = layer.in_shape
+    if layer.bits:
+      act = tf.zeros([0, h, w, -(-c * layer.bits // 8)], tf.uint8)
+    else:
+      act = tf.zeros([0, h, w, c])
+    storage = {'act': tf.Variable(act, shape=[None, h, w, act.shape[-1]],
+                                  trainable=False)}
+    if layer.has_scale:
+      storage['sigma'] = tf.Variable(tf.ones([c]), trainable=False)
+    if layer.bits:
+      storage['offset'] = tf.Variable(tf.zeros([c]), trainable=False)
+    return storage
+
+  # --------------------------------------------------------------------------
+  # Forward
+  # --------------------------------------------------------------------------
+
+  def forward(self, x, y=None, train=True, bn='batch'):
+    """Runs the network on a batch.
+
+    Args:
+      x: float ``[B, H, W, C]`` (numpy array or tensor); H, W, C as given to
+        :class:`SimpleData`, any batch size B.
+      y: integer labels ``[B, 1, 1, 1]`` (or ``[B]``), or None.
+      train: with labels, keep the activation copies for ``backward`` /
+        ``hback`` and update the running BN statistics.  ``False`` only
+        evaluates.
+      bn: ``'batch'`` normalizes with the batch's statistics (the
+        reference's behaviour, also in evaluation); ``'running'`` with the
+        running statistics kept during training (not with ``train``).
+
+    Returns:
+      ``(accuracy, loss)`` as Python floats when ``y`` is given, else the
+      softmax probabilities as a numpy array ``[B, classes]``.
+
+    Raises:
+      ValueError: for inputs or labels of the wrong shape, labels out of
+        range, or an unknown ``bn`` mode.
+    """
+    self._check_closed('forward')
+    if bn not in ('batch', 'running'):
+      raise ValueError(f"forward: bn must be 'batch' or 'running', got {bn!r}")
+    x = self._check_input(x)
+    if y is None:
+      return self._function('predict', bn)(x).numpy()
+    y = self._check_labels(y, x.shape[0])
+    if train:
+      if bn != 'batch':
+        raise ValueError("forward: train=True needs bn='batch' (training "
+                         'normalizes with batch statistics)')
+      acc, loss = self._function('train', bn)(x, y)
+      self._pending_backward = True
+    else:
+      acc, loss = self._function('eval', bn)(x, y)
+    return float(acc), float(loss)
+
+  def _function(self, kind, bn):
+    """The tf.function for one kind of call, traced once per kind."""
+    key = (kind, bn)
+    if key not in self._functions:
+      x_spec = tf.TensorSpec([None] + self.input_shape[1:], tf.float32)
+      y_spec = tf.TensorSpec([None], tf.int32)
+      running = bn == 'running'
+      if kind == 'predict':
+        fn = lambda x: self._predict(x, running)
+        signature = [x_spec]
+      elif kind == 'eval':
+        fn = lambda x, y: self._evaluate(x, y, running)
+        signature = [x_spec, y_spec]
+      else:
+        fn = self._train_forward
+        signature = [x_spec, y_spec]
+      self._functions[key] = tf.function(fn, input_signature=signature)
+    return self._functions[key]
+
+  def _run_layers(self, x, save, running=False):
+    """Forward through all layers; yields nothing, returns the logits input.
+
+    Args:
+      x: input batch.
+      save: store each layer's copies and update running BN statistics.
+      running: normalize with running statistics.
+
+    Returns:
+      The last convolution output.
+    """
+    buf = None
+    for layer, params, storage, stats in zip(self.layers, self.params,
+                                             self.saved, self.running):
+      values = {k: v.read_value() for k, v in params.items()}
+      bn_stats = (stats[0].read_value(), stats[1].read_value()) if (
+          running and stats) else None
+      x, buf, saved, moments = layers_lib.forward(layer, values, x, buf,
+                                                  bn_stats, save)
+      if save:
+        for name, value in saved.items():
+          storage[name].assign(value)
+        if moments is not None:
+          _update_running(stats, moments)
+    return x
+
+  def _train_forward(self, x, y):
+    out = self._run_layers(x, save=True)
+    acc, loss, grad = layers_lib.loss_forward(out, self.loss_bias, y)
+    self.loss_grad.assign(grad)
+    return acc, loss
+
+  def _evaluate(self, x, y, running):
+    out = self._run_layers(x, save=False, running=running)
+    acc, loss, _ = layers_lib.loss_forward(out, self.loss_bias, y)
+    return acc, loss
+
+  def _predict(self, x, running):
+    out = self._run_layers(x, save=False, running=running)
+    return layers_lib.predictions(out, self.loss_bias)
+
+  def _check_input(self, x):
+    x = tf.convert_to_tensor(x)
+    if not (x.dtype.is_floating or x.dtype.is_integer):
+      raise ValueError(f'forward: x must be numeric, got dtype {x.dtype.name}')
+    want = self.input_shape[1:]
+    if x.shape.rank != 4 or list(x.shape[1:]) != want or x.shape[0] == 0:
+      raise ValueError(f'forward: x must have shape [B, {want[0]}, {want[1]}, '
+                       f'{want[2]}] with B >= 1 (as given to SimpleData), got '
+                       f'{x.shape.as_list()}')
+    return tf.cast(x, tf.float32)
+
+  def _check_labels(self, y, batch):
+    y = np.asarray(y.numpy() if tf.is_tensor(y) else y)
+    if y.shape not in ((batch,), (batch, 1), (batch, 1, 1, 1)):
+      raise ValueError(f'forward: labels must have shape [{batch}, 1, 1, 1] '
+                       f'(or [{batch}]) for a batch of {batch}, got '
+                       f'{list(y.shape)}')
+    if y.dtype.kind not in 'iu':
+      if y.dtype.kind != 'f' or not np.all(np.equal(np.mod(y, 1), 0)):
+        raise ValueError(f'forward: labels must be integers, got {y.dtype}')
+    y = y.reshape(batch).astype(np.int64)
+    if y.min() < 0 or y.max() >= self.num_classes:
+      raise ValueError(f'forward: labels must be in [0, {self.num_classes}), '
+                       f'got values from {y.min()} to {y.max()}')
+    return tf.constant(y, tf.int32)
+
+  def _check_closed(self, what):
+    if not self.closed:
+      raise ValueError(f'{what}: call close() first')
+
+  # --------------------------------------------------------------------------
+  # Backward
+  # --------------------------------------------------------------------------
+
+  def _backward_pass(self, consume):
+    """Walks the layers from last to first, handing each gradient on.
+
+    Each layer's saved copy is read only once the gradient reaching it is
+    ready (a control dependency), so one layer at a time is restored to full
+    size; each weight is read before ``consume`` may update it.
+
+    Args:
+      consume: called as ``consume(index, grad)`` with the position of a
+        weight in ``self.weights`` and its gradient.
+    """
+    grad = self.loss_grad.read_value()
+    consume(len(self.weights) - 1, tf.reduce_sum(grad, axis=[0, 1, 2]))
+    rgrad = None
+    index = len(self.weights) - 1
+    for layer, params, storage in reversed(list(zip(self.layers, self.params,
+                                                    self.saved))):
+      index -= len(params)
+      waits = [grad] if rgrad is None else [grad, rgrad]
+      with tf.control_dependencies(waits):
+        saved = {k: v.read_value() for k, v in storage.items()}
+        values = {k: v.read_value() for k, v in params.items()}
+      grads, grad, rgrad = layers_lib.backward(layer, values, saved, grad,
+                                               rgrad, self.weight_decay)
+      for offset, name in enumerate(params):
+        consume(index + offset, grads[name])
+
+  def _apply(self, index, grad, lr):
+    tf.raw_ops.ResourceApplyMomentum(
+        var=self.weights[index].handle, accum=self.momentum[index].handle,
+        lr=lr, grad=grad, momentum=MOMENTUM, use_locking=False,
+        use_nesterov=False)
+
+  @tf.function(input_signature=[tf.TensorSpec([], tf.float32)])
+  def _backward_apply(self, lr):
+    self._backward_pass(lambda i, g: self._apply(i, g, lr))
+
+  @tf.function
+  def _backward_accumulate(self):
+    self._backward_pass(lambda i, g: self.accumulators[i].assign_add(g))
+
+  @tf.function(input_signature=[tf.TensorSpec([], tf.float32)])
+  def _apply_accumulated(self, lr):
+    for i, acc in enumerate(self.accumulators):
+      self._apply(i, acc.read_value() / float(self.multi), lr)
+
+  @tf.function
+  def _backward_collect(self):
+    grads = [None] * len(self.weights)
+    self._backward_pass(grads.__setitem__)
+    return grads
+
+  def _take_pending(self, what):
+    self._check_closed(what)
+    if not self._pending_backward:
+      raise ValueError(f'{what}: call forward(x, y) (with labels, train=True) '
+                       'first; each forward allows one backward')
+    self._pending_backward = False
+
+  def backward(self, lr):
+    """Backpropagates the last ``forward`` and applies one momentum update.
+
+    Args:
+      lr: learning rate; momentum 0.9 with TF1 semantics
+        (``acc = 0.9·acc + grad; w -= lr·acc``).
+    """
+    self._take_pending('backward')
+    self._backward_apply(tf.constant(lr, tf.float32))
+
+  def binit(self):
+    """Starts accumulating gradients over ``multi`` sub-batches."""
+    self._check_closed('binit')
+    if self.accumulators is None:
+      raise ValueError('binit: close(..., multi=k) with k > 1 to accumulate '
+                       'gradients over sub-batches')
+    for acc in self.accumulators:
+      acc.assign(tf.zeros_like(acc))
+    self._accumulated = 0
+
+  def hback(self):
+    """Adds the gradients of the last ``forward`` to the accumulators."""
+    if self._accumulated is None:
+      raise ValueError('hback: call binit() first')
+    self._take_pending('hback')
+    self._backward_accumulate()
+    self._accumulated += 1
+
+  def cback(self, lr):
+    """Applies the accumulated gradients, divided by ``multi``.
+
+    Args:
+      lr: learning rate.
+
+    Raises:
+      ValueError: unless exactly ``multi`` ``hback`` calls followed
+        ``binit``.
+    """
+    if self._accumulated != self.multi:
+      raise ValueError(f'cback: expected {self.multi} hback() calls since '
+                       f'binit() (multi={self.multi}), got {self._accumulated}')
+    self._apply_accumulated(tf.constant(lr, tf.float32))
+    self._accumulated = None
+
+  def gradients(self, x, y):
+    """Gradients of the loss (plus weight decay) for one batch, no update.
+
+    Args:
+      x, y: a batch, as for :meth:`forward`.
+
+    Returns:
+      List of numpy arrays, one per weight in checkpoint order.
+    """
+    self.forward(x, y)
+    self._take_pending('gradients')
+    return [g.numpy() for g in self._backward_collect()]
+
+  # --------------------------------------------------------------------------
+  # Memory accounting
+  # --------------------------------------------------------------------------
+
+  def saved_bytes(self, batch=None):
+    """Bytes each layer keeps between forward and backward.
+
+    Args:
+      batch: batch size (default: the data layer's).
+
+    Returns:
+      List of ``(layer_index, bits, bytes)``; ``bits`` is 0 for a
+      full-precision copy.  Per-channel statistics are included.
+    """
+    self._check_closed('saved_bytes')
+    batch = batch or self.input_shape[0]
+    out = []
+    for layer in self.layers:
+      h, w, c = layer.in_shape
+      per_pixel = -(-c * layer.bits // 8) if layer.bits else 4 * c
+      small = 4 * c * (int(layer.has_scale) + int(bool(layer.bits)))
+      out.append((layer.index, layer.bits, batch * h * w * per_pixel + small))
+    return out
+
+  # --------------------------------------------------------------------------
+  # Checkpoints
+  # --------------------------------------------------------------------------
+
+  def save(self, path, niter, state=False):
+    """Saves the weights in the reference ``.npz`` format, atomically.
+
+    Args:
+      path: file to write (written to a temporary file, then renamed).
+      niter: iteration count stored under ``'niter'``.
+      state: also store momentum (``'mom_K'``) and running BN statistics
+        (``'bnmean_L'``, ``'bnvar_L'``) so that training resumes exactly;
+        the reference implementation ignores these keys.
+    """
+    self._check_closed('save')
+    arrays = {str(i): w.numpy() for i, w in enumerate(self.weights)}
+    arrays['niter'] = np.int64(niter)
+    if state:
+      arrays.update({f'mom_{i}': m.numpy()
+                     for i, m in enumerate(self.momentum)})
+      for layer, stats in zip(self.layers, self.running):
+        if stats:
+          arrays[f'bnmean_{layer.index}'] = stats[0].numpy()
+          arrays[f'bnvar_{layer.index}'] = stats[1].numpy()
+    checkpoint.write_atomic(path, arrays)
+
+  def load(self, path):
+    """Loads weights (and state keys if present) from a checkpoint.
+
+    Args:
+      path: an ``.npz`` written by :meth:`save` or by the reference.
+
+    Returns:
+      The stored iteration count.
+
+    Raises:
+      FileNotFoundError, ValueError: naming the file and the weight that
+        does not fit this network.
+    """
+    self._check_closed('load')
+    arrays = checkpoint.read(path)
+    checkpoint.check_weights(path, arrays, self.weight_names,
+                             [w.shape for w in self.weights])
+    for i, w in enumerate(self.weights):
+      w.assign(arrays[str(i)])
+      if f'mom_{i}' in arrays:
+        self.momentum[i].assign(arrays[f'mom_{i}'])
+    for layer, stats in zip(self.layers, self.running):
+      if stats and f'bnmean_{layer.index}' in arrays:
+        stats[0].assign(arrays[f'bnmean_{layer.index}'])
+        stats[1].assign(arrays[f'bnvar_{layer.index}'])
+    return int(arrays['niter'])
+
+
+def _initial(layer, name, shape, all_layers):
+  """Initial value of a weight, as in the reference."""
+  if name == 'scale':
+    return tf.ones(shape)
+  if name == 'bias':
+    return tf.zeros(shape)
+  fan_in = layer.ksz * layer.ksz * layer.in_ch
+  gain = 1.0 if layer is all_layers[-1] else 2.0
+  return tf.random.normal(shape, stddev=np.sqrt(gain / fan_in))
+
+
+def _zeros_like(var, what):
+  return tf.Variable(tf.zeros_like(var), trainable=False,
+                     name=f'{var.name.split(":")[0]}_{what}')
+
+
+def _update_running(stats, moments):
+  for var, value in zip(stats, moments):
+    var.assign(layers_lib.RUNNING_MOMENTUM * var + (
+        1 - layers_lib.RUNNING_MOMENTUM) * value)
