@@ -244,7 +244,11 @@ class Graph:
     return self._functions[key]
 
   def _run_layers(self, x, save, running=False):
-    """Forward through all layers; yields nothing, returns the logits input.
+    """Forward through all layers.
+
+    Each layer starts only once the previous layer's copies are stored
+    (a control dependency), so that at most one layer's full-size
+    temporaries are alive at a time, whatever the executor's scheduling.
 
     Args:
       x: input batch.
@@ -254,17 +258,19 @@ class Graph:
     Returns:
       The last convolution output.
     """
-    buf = None
+    buf, stored = None, []
     for layer, params, storage, stats in zip(self.layers, self.params,
                                              self.saved, self.running):
       values = {k: v.read_value() for k, v in params.items()}
       bn_stats = (stats[0].read_value(), stats[1].read_value()) if (
           running and stats) else None
+      with tf.control_dependencies(stored):
+        x = tf.identity(x)
       x, buf, saved, moments = layers_lib.forward(layer, values, x, buf,
                                                   bn_stats, save)
       if save:
-        for name, value in saved.items():
-          storage[name].assign(value)
+        stored = [storage[k].assign(v, read_value=False)
+                  for k, v in saved.items()]
         if moments is not None:
           _update_running(stats, moments)
     return x
@@ -321,9 +327,10 @@ class Graph:
   def _backward_pass(self, consume):
     """Walks the layers from last to first, handing each gradient on.
 
-    Each layer's saved copy is read only once the gradient reaching it is
-    ready (a control dependency), so one layer at a time is restored to full
-    size; each weight is read before ``consume`` may update it.
+    Each layer's saved copy is read only once the gradients reaching it and
+    the weight gradients of the layer after it are computed (control
+    dependencies), so one layer at a time is restored to full size; each
+    weight is read before ``consume`` may update it.
 
     Args:
       consume: called as ``consume(index, grad)`` with the position of a
@@ -331,17 +338,18 @@ class Graph:
     """
     grad = self.loss_grad.read_value()
     consume(len(self.weights) - 1, tf.reduce_sum(grad, axis=[0, 1, 2]))
-    rgrad = None
+    rgrad, done = None, []
     index = len(self.weights) - 1
     for layer, params, storage in reversed(list(zip(self.layers, self.params,
                                                     self.saved))):
       index -= len(params)
-      waits = [grad] if rgrad is None else [grad, rgrad]
+      waits = [t for t in [grad, rgrad] + done if t is not None]
       with tf.control_dependencies(waits):
         saved = {k: v.read_value() for k, v in storage.items()}
         values = {k: v.read_value() for k, v in params.items()}
       grads, grad, rgrad = layers_lib.backward(layer, values, saved, grad,
                                                rgrad, self.weight_decay)
+      done = list(grads.values())
       for offset, name in enumerate(params):
         consume(index + offset, grads[name])
 

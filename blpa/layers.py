@@ -408,7 +408,7 @@ def backward(layer, params, saved, grad, rgrad, weight_decay):
                                ksize=[1, 3, 3, 1], strides=[1, 2, 2, 1],
                                padding='SAME')
   if mask is not None:
-    g = tf.where(mask, g, tf.zeros_like(g))
+    g = tf.where(mask, g, 0.0)
   if layer.has_bias:
     grads['bias'] = tf.reduce_sum(g, axis=[0, 1, 2])
   if layer.has_scale:
