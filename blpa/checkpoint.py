@@ -31,6 +31,7 @@ def write_atomic(path, arrays):
                              prefix='.' + os.path.basename(path) + '.',
                              suffix='.tmp')
   try:
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600 files
     with os.fdopen(fd, 'wb') as f:
       np.savez(f, **arrays)
       f.flush()
@@ -40,6 +41,13 @@ def write_atomic(path, arrays):
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _umask():
+  """The process umask (read by setting it and putting it back)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def read(path):

@@ -93,7 +93,7 @@ def test_missing_cifar_explains_how_to_get_it(tmp_path):
 
 
 def test_tfds_copy_is_used_without_download(tmp_path, monkeypatch):
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds = pytest.importorskip('tensorflow_datasets')
   monkeypatch.setattr(tfds.core.DatasetBuilder, 'is_prepared',
                       lambda self: True)
   with tfds.testing.mock_data(num_examples=12):
