@@ -27,6 +27,9 @@ from blpa import layers as layers_lib
 from blpa.layers import LogLoss, NLDef, SimpleData  # pylint: disable=unused-import
 
 MOMENTUM = 0.9
+SUM = tf.VariableAggregation.SUM
+MEAN = tf.VariableAggregation.MEAN
+NONE = tf.VariableAggregation.NONE
 
 
 class Graph:
@@ -45,6 +48,7 @@ class Graph:
       raise TypeError('Graph: loss_layer must be a LogLoss, got '
                       f'{type(loss_layer).__name__}')
     self.input_shape = list(data_layer.shape)
+    self.device_batch = self.input_shape[0]
     self.layers = []
     self.closed = False
     self._shape = tuple(data_layer.shape[1:])
@@ -154,32 +158,40 @@ class Graph:
     self.weights.append(self.loss_bias)
     self.weight_names.append('loss bias')
     self.momentum = [_zeros_like(w, 'momentum') for w in self.weights]
-    self.accumulators = ([_zeros_like(w, 'accumulator') for w in self.weights]
-                         if self.multi > 1 else None)
+    self.accumulators = ([per_device(tf.zeros_like(w), SUM)
+                          for w in self.weights] if self.multi > 1 else None)
     self.saved = [self._make_storage(layer) for layer in self.layers]
     self.running = [
-        (tf.Variable(tf.zeros([l.in_ch]), trainable=False),
-         tf.Variable(tf.ones([l.in_ch]), trainable=False))
+        (per_device(tf.zeros([l.in_ch]), MEAN),
+         per_device(tf.ones([l.in_ch]), MEAN))
         if l.has_scale else None for l in self.layers]
-    self.loss_grad = tf.Variable(tf.zeros([0, 1, 1, self.num_classes]),
-                                 shape=[None, 1, 1, self.num_classes],
-                                 trainable=False)
+    self.loss_grad = per_device(tf.zeros([0, 1, 1, self.num_classes]), NONE,
+                                shape=[None, 1, 1, self.num_classes])
 
-  @staticmethod
-  def _make_storage(layer):
+  def _make_storage(self, layer):
     """Variables that hold what a layer saves between forward and backward."""
     h, w, c = layer.in_shape
     if layer.bits:
-      act = tf.zeros([0, h, w, -(-c * layer.bits // 8)], tf.uint8)
+      act = self._code_storage(h, w, -(-c * layer.bits // 8))
     else:
-      act = tf.zeros([0, h, w, c])
-    storage = {'act': tf.Variable(act, shape=[None, h, w, act.shape[-1]],
-                                  trainable=False)}
+      act = per_device(tf.zeros([0, h, w, c]), NONE, shape=[None, h, w, c])
+    storage = {'act': act}
     if layer.has_scale:
-      storage['sigma'] = tf.Variable(tf.ones([c]), trainable=False)
+      storage['sigma'] = per_device(tf.ones([c]), NONE)
     if layer.bits:
-      storage['offset'] = tf.Variable(tf.zeros([c]), trainable=False)
+      storage['offset'] = per_device(tf.zeros([c]), NONE)
     return storage
+
+  @staticmethod
+  def _code_storage(height, width, nbytes):
+    """Storage of a layer's K-bit codes: ``nbytes`` uint8 per pixel.
+
+    Returns:
+      An object with ``assign(codes, read_value=False)`` and
+      ``read_value()``, as a variable has.
+    """
+    return per_device(tf.zeros([0, height, width, nbytes], tf.uint8), NONE,
+                      shape=[None, height, width, nbytes])
 
   # --------------------------------------------------------------------------
   # Forward
@@ -207,17 +219,25 @@ class Graph:
       ValueError: for inputs or labels of the wrong shape, labels out of
         range, or an unknown ``bn`` mode.
     """
+    self._check_mode(y, train, bn)
+    x = self._check_input(x)
+    y = None if y is None else self._check_labels(y, x.shape[0])
+    return self._forward(x, y, train, bn)
+
+  def _check_mode(self, y, train, bn):
+    """Checks ``forward``'s mode arguments before its inputs."""
     self._check_closed('forward')
     if bn not in ('batch', 'running'):
       raise ValueError(f"forward: bn must be 'batch' or 'running', got {bn!r}")
-    x = self._check_input(x)
+    if y is not None and train and bn != 'batch':
+      raise ValueError("forward: train=True needs bn='batch' (training "
+                       'normalizes with batch statistics)')
+
+  def _forward(self, x, y, train, bn):
+    """``forward`` on checked inputs, as the compiled functions take them."""
     if y is None:
       return self._function('predict', bn)(x).numpy()
-    y = self._check_labels(y, x.shape[0])
     if train:
-      if bn != 'batch':
-        raise ValueError("forward: train=True needs bn='batch' (training "
-                         'normalizes with batch statistics)')
       acc, loss = self._function('train', bn)(x, y)
       self._pending_backward = True
     else:
@@ -240,8 +260,22 @@ class Graph:
       else:
         fn = self._train_forward
         signature = [x_spec, y_spec]
-      self._functions[key] = tf.function(fn, input_signature=signature)
+      self._functions[key] = self._compile(kind, bn, fn, signature)
     return self._functions[key]
+
+  def _compile(self, kind, bn, fn, signature):  # pylint: disable=unused-argument
+    """Compiles one kind of forward call (``fn`` runs on one device).
+
+    Args:
+      kind: ``'predict'``, ``'eval'`` or ``'train'``.
+      bn: ``'batch'`` or ``'running'``.
+      fn: the function of one device's inputs.
+      signature: its input signature.
+
+    Returns:
+      The callable that ``_forward`` calls.
+    """
+    return tf.function(fn, input_signature=signature)
 
   def _run_layers(self, x, save, running=False):
     """Forward through all layers.
@@ -359,24 +393,58 @@ class Graph:
         lr=lr, grad=grad, momentum=MOMENTUM, use_locking=False,
         use_nesterov=False)
 
+  def _each_device(self, fn, *args):
+    """Runs ``fn(*args)`` on every device (here: the one device).
+
+    Returns:
+      What ``fn`` returns (on one device, whichever).
+    """
+    return fn(*args)
+
+  def _total(self, grad, count=1):
+    """The mean of ``grad`` over devices and ``count`` sub-batches.
+
+    Args:
+      grad: this device's gradient, summed over ``count`` sub-batches.
+      count: sub-batches summed into ``grad``.
+
+    Returns:
+      The gradient of one update, the same on every device.
+    """
+    return grad / float(count) if count > 1 else grad
+
+  def _apply_all(self, lr):
+    """Backward pass applying each gradient as soon as it is computed."""
+    self._backward_pass(lambda i, g: self._apply(i, self._total(g), lr))
+
+  def _accumulate_all(self):
+    """Backward pass adding gradients to this device's accumulators."""
+    self._backward_pass(lambda i, g: self.accumulators[i].assign_add(g))
+
+  def _apply_accumulators(self, lr):
+    for i, acc in enumerate(self.accumulators):
+      self._apply(i, self._total(acc.read_value(), self.multi), lr)
+
+  def _collect_all(self):
+    grads = [None] * len(self.weights)
+    self._backward_pass(lambda i, g: grads.__setitem__(i, self._total(g)))
+    return grads
+
   @tf.function(input_signature=[tf.TensorSpec([], tf.float32)])
   def _backward_apply(self, lr):
-    self._backward_pass(lambda i, g: self._apply(i, g, lr))
+    self._each_device(self._apply_all, lr)
 
   @tf.function
   def _backward_accumulate(self):
-    self._backward_pass(lambda i, g: self.accumulators[i].assign_add(g))
+    self._each_device(self._accumulate_all)
 
   @tf.function(input_signature=[tf.TensorSpec([], tf.float32)])
   def _apply_accumulated(self, lr):
-    for i, acc in enumerate(self.accumulators):
-      self._apply(i, acc.read_value() / float(self.multi), lr)
+    self._each_device(self._apply_accumulators, lr)
 
   @tf.function
   def _backward_collect(self):
-    grads = [None] * len(self.weights)
-    self._backward_pass(grads.__setitem__)
-    return grads
+    return self._each_device(self._collect_all)
 
   def _take_pending(self, what):
     self._check_closed(what)
@@ -457,7 +525,7 @@ class Graph:
       full-precision copy.  Per-channel statistics are included.
     """
     self._check_closed('saved_bytes')
-    batch = batch or self.input_shape[0]
+    batch = batch or self.device_batch
     out = []
     for layer in self.layers:
       h, w, c = layer.in_shape
@@ -529,6 +597,26 @@ def _initial(layer, name, shape, all_layers):
   fan_in = layer.ksz * layer.ksz * layer.in_ch
   gain = 1.0 if layer is all_layers[-1] else 2.0
   return tf.random.normal(shape, stddev=np.sqrt(gain / fan_in))
+
+
+def per_device(initial, aggregation, shape=None):
+  """A variable of one device's own state (each device keeps its copy).
+
+  Outside a ``tf.distribute`` scope it is an ordinary variable; inside one
+  it is a per-replica (``ON_READ``) variable whose cross-device value is the
+  ``aggregation`` of the copies.
+
+  Args:
+    initial: initial value.
+    aggregation: a ``tf.VariableAggregation`` (SUM, MEAN or NONE).
+    shape: the variable's shape, if less specific than ``initial``'s.
+
+  Returns:
+    A non-trainable variable.
+  """
+  return tf.Variable(initial, shape=shape, trainable=False,
+                     synchronization=tf.VariableSynchronization.ON_READ,
+                     aggregation=aggregation)
 
 
 def _zeros_like(var, what):

@@ -114,32 +114,34 @@ def step_schedule(iters, total, steps):
 def build_graph(specs, shape, qtype, weight_decay, split=1, ngpu=1, seed=0):
   """Builds the network on one device or, with ``ngpu > 1``, several.
 
+  Several devices, or several workers named by ``TF_CONFIG``, use
+  :mod:`blpa.mgraph`; it must then run before any TensorFlow operation.
+
   Args:
     specs: layer specs (see :mod:`blpa.models`).
-    shape: ``[batch, H, W, C]`` of one device's sub-batch.
+    shape: ``[batch, H, W, C]``; ``batch`` is one update's whole batch
+      (all sub-batches and devices).
     qtype: 0, 4 or 8.
     weight_decay: on convolution kernels.
     split: sub-batches accumulated per update (``multi``).
-    ngpu: devices.
+    ngpu: devices (per worker).
     seed: seed of the weight initialization.
 
   Returns:
     A closed graph.
 
   Raises:
-    RuntimeError: when ``ngpu > 1`` and :mod:`blpa.mgraph` is unavailable.
+    ValueError, RuntimeError: from :mod:`blpa.mgraph` for devices or a batch
+      that cannot be used (named in the message).
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   from blpa import graph, models  # pylint: disable=import-outside-toplevel
   tf.random.set_seed(seed)
   multi = split if split > 1 else False
-  if ngpu <= 1:
-    return models.build(specs, shape, qtype, weight_decay, multi)
-  try:
-    from blpa import mgraph  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise RuntimeError(f'-ngpu {ngpu} needs blpa.mgraph, which is not '
-                       f'available ({e}); use -ngpu 1') from None
+  if ngpu <= 1 and not os.environ.get('TF_CONFIG'):
+    return models.build(specs, [shape[0] // split] + list(shape[1:]), qtype,
+                        weight_decay, multi)
+  from blpa import mgraph  # pylint: disable=import-outside-toplevel
   net = mgraph.Graph([graph.SimpleData, [shape]], [graph.LogLoss, []], ngpu)
   for spec in specs:
     net.add(*spec)
@@ -228,7 +230,7 @@ def memory_line(net):
 
 def full_bytes(net, batch=None):
   """Bytes the layers of ``net`` would keep at full precision (qtype 0)."""
-  batch = batch or net.input_shape[0]
+  batch = batch or net.device_batch
   total = 0
   for layer in net.layers:
     h, w, c = layer.in_shape

@@ -11,6 +11,11 @@ image (paths relative to ``--data-dir``).  Example::
     python imagenet/train.py -save runs/im152_q4.npz -qtype 4 \\
         --data-dir /data/imagenet
 
+Several machines: run the same command on each, with ``TF_CONFIG`` naming
+the workers (``-ngpu`` is then per worker); every worker reads the same
+batches and trains its devices' shards, and worker N > 0 writes its
+(identical) checkpoint to ``<save>.workerN.npz``.
+
 Unreadable images are reported by file name and left out of their batch.
 Exit status: 0 done, 2 bad data or checkpoint, 3 NaN/inf loss, 130/143
 stopped by SIGINT/SIGTERM after saving.  See :mod:`blpa.training`.
@@ -40,7 +45,11 @@ def parse_args(argv=None):
   add('-split', type=training.positive, default=2,
       help='sub-batches per device and update. Default 2.')
   add('-ngpu', type=training.positive, default=1,
-      help='devices (needs blpa.mgraph). Default 1.')
+      help='devices (per worker when TF_CONFIG names several workers), '
+      'trained with blpa.mgraph. Default 1.')
+  add('--cpu-devices', type=training.positive, default=None,
+      help='split the CPU into N logical devices, to run -ngpu N without '
+      'GPUs (for trying multi-device training).')
   add('--bsz', '-bsz', type=training.positive, default=256,
       help='batch size per update. Default 256.')
   add('--train-list', default='train.txt', help='training list, relative '
@@ -56,6 +65,9 @@ def main(argv=None):
 
 
 def _main(args):
+  if args.cpu_devices:
+    from blpa import mgraph  # pylint: disable=import-outside-toplevel
+    mgraph.split_cpu(args.cpu_devices)
   parts = args.split * args.ngpu
   if args.bsz % parts:
     raise data.DataError(f'--bsz {args.bsz} must be divisible by -split x '
@@ -71,15 +83,20 @@ def _main(args):
                f'{classes} classes')
   size = args.image_size
   specs = models.imagenet_resnet(args.blocks, classes)
-  net = _build(args, specs, [args.bsz // parts, size, size, 3])
+  net = _build(args, specs, [args.bsz, size, size, 3])
+  if getattr(net, 'worker', 0):  # several workers: one checkpoint each
+    root, ext = os.path.splitext(args.save)
+    args.save = f'{root}.worker{net.worker}{ext}'
   training.log(f'ResNet-{len(specs)}, qtype {args.qtype}: '
                + training.memory_line(net))
   sampler = data.Sampler(len(paths), args.bsz, args.seed)
 
+  need = args.split * getattr(net, 'replicas', 1)  # an image per device
+
   def batches(start, stop):
     for _, x, y in data.imagenet_train_batches(paths, labels, sampler, start,
                                                stop, size, training.log):
-      yield (x, y) if y is not None and len(y) >= args.split else (None, None)
+      yield (x, y) if y is not None and len(y) >= need else (None, None)
 
   def evaluate(net, stop=None):
     stream = data.imagenet_eval_batches(vpaths, vlabels, args.bsz // args.split,
@@ -92,11 +109,11 @@ def _main(args):
 
 
 def _build(args, specs, shape):
-  """Builds the graph, turning a missing multi-device module into an error."""
+  """Builds the graph; devices or batches that cannot work become one error."""
   try:
     return training.build_graph(specs, shape, args.qtype, WEIGHT_DECAY,
                                 args.split, args.ngpu, args.seed)
-  except RuntimeError as e:
+  except (RuntimeError, ValueError) as e:
     raise data.DataError(str(e)) from None
 
 

@@ -1,6 +1,5 @@
 """imagenet/train.py and imagenet/validate.py on a tiny folder of images."""
 
-import importlib.util
 
 import pytest
 
@@ -71,10 +70,3 @@ def test_malformed_list_file(imagenet, images, tmp_path, capsys):
   assert 'train.txt, line 2' in err and err.count('error:') == 1
 
 
-@pytest.mark.skipif(importlib.util.find_spec('blpa.mgraph') is not None,
-                    reason='blpa.mgraph is available')
-def test_multi_device_without_mgraph_is_a_clear_error(imagenet, images,
-                                                      tmp_path, capsys):
-  assert imagenet.main(_args(images[0], str(tmp_path / 'm.npz'),
-                             '-ngpu', 2, '--bsz', 8)) == 2
-  assert '-ngpu 2 needs blpa.mgraph' in capsys.readouterr().err
