@@ -5,11 +5,18 @@ autodiff.  It serves as the exact reference for blpa's hand-written
 gradients (tests) and as the baseline of the benchmarks, optionally with
 ``tf.recompute_grad`` around each residual stage (TensorFlow's own memory
 saver).  It is written independently of :mod:`blpa.layers` on purpose.
+
+``naive_bits`` (4 or 8) gives the paper's "naive" baseline: the output of
+each BN+ReLU layer that blpa would store at K bits is replaced, as the input
+of the next convolution, by its K-bit quantize→restore value (the quantizer
+of :mod:`blpa.quant`), with a straight-through gradient.  The quantization
+error then accumulates through the forward pass, unlike blpa's.
 """
 
 import tensorflow as tf
 
 from blpa import layers as layers_lib
+from blpa import quant
 
 
 def _unflatten(layers, weights):
@@ -22,8 +29,32 @@ def _unflatten(layers, weights):
   return params, weights[i]
 
 
-def _layer(layer, p, x, buf):
-  """One layer with ordinary ops; returns (conv output, residual buffer)."""
+def _naive_quantized(layer, p, pre, out, bits):
+  """``out`` = relu(``pre``) forward-replaced by its K-bit approximation.
+
+  The value quantized is ``pre/cs`` with offset ``bias/cs``, as blpa stores
+  it; the gradient passes straight through to ``out``.
+  """
+  cs = tf.maximum(p['scale'], layers_lib.SCALE_MIN)
+  offset = p['bias'] / cs if 'bias' in p else tf.zeros_like(cs)
+  approx, _ = quant.restore_act(quant.save_act(pre / cs, offset, bits),
+                                offset, bits)
+  return out + tf.stop_gradient(tf.nn.relu(approx * cs) - out)
+
+
+def _naive_eligible(layer, last_index):
+  """Whether blpa would keep a K-bit copy of this layer's activation."""
+  return (layer.nl.bn and layer.nl.relu and not layer.nl.maxpool and
+          layer.index != last_index)
+
+
+def _layer(layer, p, x, buf, naive_bits=0):
+  """One layer with ordinary ops; returns (conv output, residual buffer).
+
+  With ``naive_bits``, the convolution's input is the K-bit approximation of
+  the post-ReLU value (straight-through gradient); the residual buffer keeps
+  the exact value.
+  """
   z = x
   if layer.nl.res_in:
     r = layer.residual_ratio
@@ -38,14 +69,19 @@ def _layer(layer, p, x, buf):
     h = h * tf.maximum(p['scale'], layers_lib.SCALE_MIN)
   if 'bias' in p:
     h = h + p['bias']
+  conv_in = None
   if layer.nl.relu:
-    h = tf.nn.relu(h)
+    pre, h = h, tf.nn.relu(h)
+    if naive_bits:
+      conv_in = _naive_quantized(layer, p, pre, h, naive_bits)
   if layer.nl.maxpool:
     h = tf.nn.max_pool2d(h, 3, 2, 'SAME')
   if layer.nl.res_out == 1:
     buf = z
   elif layer.nl.res_out == 2:
     buf = h
+  if conv_in is not None:
+    h = conv_in
   if layer.nl.avpool:
     h = tf.reduce_mean(h, axis=[1, 2], keepdims=True)
   return tf.nn.conv2d(h, p['kernel'], layer.stride, layer.pad), buf
@@ -66,7 +102,7 @@ def _stages(layers):
   return stages + [current]
 
 
-def logits(layers, weights, x, recompute=False):
+def logits(layers, weights, x, recompute=False, naive_bits=0):
   """Logits ``[B, classes]`` of the network.
 
   Args:
@@ -74,11 +110,16 @@ def logits(layers, weights, x, recompute=False):
     weights: tensors in checkpoint order (as ``Graph.weights``).
     x: input batch.
     recompute: wrap each residual stage in ``tf.recompute_grad``.
+    naive_bits: 0 (exact), or 4 / 8 for naive K-bit activations (see the
+      module docstring).
 
   Returns:
     The logits.
   """
+  if naive_bits not in layers_lib.QTYPES:
+    raise ValueError(f'naive_bits must be 0, 4 or 8, got {naive_bits!r}')
   params, loss_bias = _unflatten(layers, list(weights))
+  last_index = layers[-1].index
   by_index = dict(zip((l.index for l in layers), params))
   buf = tf.zeros([1, 1, 1, 1])  # placeholder until the first res_out
   for stage in _stages(layers):
@@ -89,7 +130,8 @@ def logits(layers, weights, x, recompute=False):
       for (l, n), w in zip(names, stage_weights):
         p[l.index][n] = w
       for layer in stage:
-        h, b = _layer(layer, p[layer.index], h, b)
+        bits = naive_bits if _naive_eligible(layer, last_index) else 0
+        h, b = _layer(layer, p[layer.index], h, b, bits)
       return h, b
 
     fn = tf.recompute_grad(run) if recompute else run
@@ -97,13 +139,14 @@ def logits(layers, weights, x, recompute=False):
   return tf.reshape(x, [-1, layers[-1].out_ch]) + loss_bias
 
 
-def loss(layers, weights, x, y, weight_decay, recompute=False):
+def loss(layers, weights, x, y, weight_decay, recompute=False,
+         naive_bits=0):
   """Mean cross-entropy plus ``weight_decay/2·Σ‖kernel‖²``.
 
   Returns:
     ``(objective, accuracy, cross_entropy)``.
   """
-  out = logits(layers, weights, x, recompute)
+  out = logits(layers, weights, x, recompute, naive_bits)
   xent = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
       labels=y, logits=out))
   kernels = [w for w in weights if w.shape.rank == 4]
@@ -114,13 +157,17 @@ def loss(layers, weights, x, y, weight_decay, recompute=False):
   return xent + decay, acc, xent
 
 
-def gradients(layers, weights, x, y, weight_decay, recompute=False):
-  """Exact gradients of :func:`loss` w.r.t. ``weights`` by GradientTape.
+def gradients(layers, weights, x, y, weight_decay, recompute=False,
+              naive_bits=0):
+  """Gradients of :func:`loss` w.r.t. ``weights`` by GradientTape.
+
+  Exact unless ``naive_bits`` is set (then: the naive K-bit baseline).
 
   Returns:
     List of gradient tensors in checkpoint order.
   """
   with tf.GradientTape() as tape:
     tape.watch(weights)
-    objective, _, _ = loss(layers, weights, x, y, weight_decay, recompute)
+    objective, _, _ = loss(layers, weights, x, y, weight_decay, recompute,
+                           naive_bits)
   return tape.gradient(objective, weights)

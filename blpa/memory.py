@@ -7,6 +7,7 @@ Used by the memory test and by ``bench/``.
 """
 
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -51,6 +52,29 @@ def peak_bytes(step, repeats=3):
     step()
     peaks.append(tf.config.experimental.get_memory_info(device)['peak'])
   return max(peaks)
+
+
+def step_times(step, steps, warmup=1):
+  """Wall-clock seconds of ``steps`` calls of ``step()`` after warm-up.
+
+  Args:
+    step: a callable running one training step (it must return only once
+      the step's results are computed, as the callables of
+      :func:`step_function` do).
+    steps: timed calls.
+    warmup: untimed calls first (tracing, allocation).
+
+  Returns:
+    List of ``steps`` durations in seconds.
+  """
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
 
 
 class AutodiffTrainer:
@@ -110,8 +134,8 @@ def step_function(method, net, x, y, lr=0.01):
   return lambda: [t.numpy() for t in trainer.step(xt, yt, lr)]
 
 
-def cifar_step_peak(method, rblocks, batch, qtype=4, size=32, seed=0):
-  """Peak bytes of one training step of a CIFAR ResNet.
+def cifar_step(method, rblocks, batch, qtype=4, size=32, seed=0):
+  """One training step of a CIFAR ResNet on a random batch.
 
   Args:
     method: ``'blpa'``, ``'autodiff'`` or ``'recompute'``.
@@ -122,7 +146,8 @@ def cifar_step_peak(method, rblocks, batch, qtype=4, size=32, seed=0):
     seed: random seed of weights and data.
 
   Returns:
-    ``(peak_bytes, net)``; ``net`` tells stored bytes and weight counts.
+    ``(step, net)``: a callable running one step (see
+    :func:`step_function`) and the closed graph.
   """
   tf.random.set_seed(seed)
   shape = [batch, size, size, 3]
@@ -130,7 +155,22 @@ def cifar_step_peak(method, rblocks, batch, qtype=4, size=32, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.standard_normal(shape).astype(np.float32)
   y = rng.integers(0, net.num_classes, size=(batch, 1, 1, 1)).astype(np.int32)
-  return peak_bytes(step_function(method, net, x, y)), net
+  return step_function(method, net, x, y), net
+
+
+def cifar_step_peak(method, rblocks, batch, qtype=4, size=32, seed=0,
+                    repeats=3):
+  """Peak bytes of one training step of a CIFAR ResNet.
+
+  Args:
+    method, rblocks, batch, qtype, size, seed: as for :func:`cifar_step`.
+    repeats: measured steps (see :func:`peak_bytes`).
+
+  Returns:
+    ``(peak_bytes, net)``; ``net`` tells stored bytes and weight counts.
+  """
+  step, net = cifar_step(method, rblocks, batch, qtype, size, seed)
+  return peak_bytes(step, repeats), net
 
 
 def weight_bytes(net):
@@ -156,16 +196,31 @@ def main(argv=None):
   parser.add_argument('--qtype', type=int, default=4, choices=[0, 4, 8])
   parser.add_argument('--size', type=int, default=32)
   parser.add_argument('--inter-op-threads', type=int, default=1,
-                      help='executor threads (1 makes the peak repeatable)')
+                      help='executor threads (1 makes the peak repeatable; '
+                      '0: TensorFlow\'s default)')
+  parser.add_argument('--repeats', type=int, default=3,
+                      help='measured steps for the peak (0: no peak, e.g. '
+                      'for timing without the BFC allocator)')
+  parser.add_argument('--time-steps', type=int, default=0,
+                      help='also time this many steps (after the peak steps, '
+                      'or after one warm-up step) and report their seconds')
   args = parser.parse_args(argv)
-  tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
-  peak, net = cifar_step_peak(args.method, args.rblocks, args.batch,
-                              args.qtype, args.size)
-  print(json.dumps({
+  if args.inter_op_threads:
+    tf.config.threading.set_inter_op_parallelism_threads(
+        args.inter_op_threads)
+  step, net = cifar_step(args.method, args.rblocks, args.batch, args.qtype,
+                         args.size)
+  result = {
       'method': args.method, 'rblocks': args.rblocks, 'batch': args.batch,
-      'qtype': args.qtype, 'size': args.size, 'peak_bytes': int(peak),
+      'qtype': args.qtype, 'size': args.size,
       'saved_bytes': int(sum(b for _, _, b in net.saved_bytes(args.batch))),
-      'weight_bytes': weight_bytes(net)}))
+      'weight_bytes': weight_bytes(net)}
+  if args.repeats:
+    result['peak_bytes'] = int(peak_bytes(step, args.repeats))
+  if args.time_steps:
+    result['step_times'] = step_times(step, args.time_steps,
+                                      warmup=0 if args.repeats else 1)
+  print(json.dumps(result))
 
 
 if __name__ == '__main__':

@@ -7,6 +7,8 @@
 #define EIGEN_USE_GPU
 #endif
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -78,89 +80,233 @@ class QuantOpBase : public OpKernel {
 
 // ---------------------------------------------------------------------------
 // CPU implementation.
+//
+// The per-element math is Quant<kBits>::Code / Approx / Mask, rearranged so
+// that it vectorizes well and gives the same code for every input:
+//
+// * Code clamps t = (a - 1e-6f)*S to [-2n, n], floors, adds the channel's
+//   shift s and clips to [0, n-1]. Here t is clamped instead to
+//   [lo, hi] = [-s, n-1-s] (integers, per channel): t <= -s gives code 0 and
+//   t >= n-1-s gives n-1 either way, and in between nothing is clipped, so
+//   floor(t) + s needs no integer clip. The comparison `t > lo ? t : lo` maps
+//   NaN to lo (code 0), as Code does; +-inf go to hi / lo as in Code.
+// * The floor of t (|t| <= n) is exact both as floorf (one instruction with
+//   SSE4.1/AVX) and as truncation stepped down (SSE2); the AVX2 variant uses
+//   the first, the baseline variant the second.
+// * A row is `group` whole pixels: for small C several pixels share one call,
+//   so the vector loop runs over at least kMinRow elements. Channel tables are
+//   tiled `group` times.
+//
+// Each row function is compiled twice, for the baseline ISA of the build and
+// with target("avx2"), and picked at run time. No fused multiply-add is
+// formed (-ffp-contract=off) and the float operations are the same IEEE
+// operations in the same order, so the results are bit-identical on any CPU.
 
-// Per-channel shifts, computed once per call.
+constexpr int64_t kMinRow = 256;
+
+// Per-channel tables for one call, tiled over `group` pixels: the shift s,
+// the clamp bounds [lo, hi] = [-s, n-1-s] of save, and the mask threshold
+// s-1 of restore (q >= s iff q > s-1; s is in [1, n], so s-1 fits a byte).
 template <int kBits>
-std::vector<int32_t> ChannelShifts(const float* offset, int64_t channels) {
-  std::vector<int32_t> shifts(channels);
-  for (int64_t k = 0; k < channels; ++k) {
-    shifts[k] = Quant<kBits>::Shift(offset[k]);
+struct ChannelTables {
+  ChannelTables(const float* offset, int64_t channels, int64_t group_pixels)
+      : group(group_pixels),
+        shift(channels * group_pixels),
+        lo(channels * group_pixels),
+        hi(channels * group_pixels),
+        threshold(channels * group_pixels) {
+    for (int64_t k = 0; k < channels; ++k) {
+      const int32_t s = Quant<kBits>::Shift(offset[k]);
+      for (int64_t j = 0; j < group; ++j) {
+        shift[j * channels + k] = s;
+        lo[j * channels + k] = static_cast<float>(-s);
+        hi[j * channels + k] = static_cast<float>(Quant<kBits>::kBins - 1 - s);
+        threshold[j * channels + k] = static_cast<uint8_t>(s - 1);
+      }
+    }
   }
-  return shifts;
+  int64_t group;
+  std::vector<int32_t> shift;
+  std::vector<float> lo, hi;
+  std::vector<uint8_t> threshold;
+};
+
+// Pixels per row: enough for kMinRow elements; 1 for 4 bits with odd C
+// (a pixel's last byte then holds one code and a zero nibble).
+int64_t GroupPixels(int64_t channels, int nbits) {
+  if (nbits == 4 && channels % 2 == 1) return 1;
+  return channels >= kMinRow ? 1 : (kMinRow + channels - 1) / channels;
 }
 
-// Runs fn(first_pixel, end_pixel) over all pixels on the intra-op pool.
-template <typename Fn>
-void ForEachPixelRange(OpKernelContext* ctx, const Geometry& g, Fn fn) {
-  // About 4 cycles per channel and pixel for either op.
-  const int64_t cost = 4 * g.channels + 1;
-  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
-      g.pixels, cost, fn);
-}
-
-// Unpacked codes of one pixel, one byte per channel.
-template <int kBits>
-void CodeRow(const float* __restrict a, const int32_t* __restrict shifts,
-             int64_t channels, uint8_t* __restrict q) {
-  for (int64_t k = 0; k < channels; ++k) {
-    q[k] = static_cast<uint8_t>(Quant<kBits>::Code(a[k], shifts[k]));
+// Unpacked codes of `len` elements, one byte each.
+template <int kBits, bool kFloor>
+inline void CodeRowBody(const float* __restrict a,
+                        const float* __restrict lo, const float* __restrict hi,
+                        const int32_t* __restrict shift, int64_t len,
+                        uint8_t* __restrict q) {
+  using Q = Quant<kBits>;
+  for (int64_t k = 0; k < len; ++k) {
+    float t = (a[k] - Q::kEps) * Q::kScale;
+    t = (t > lo[k]) ? t : lo[k];  // NaN -> lo
+    t = (t < hi[k]) ? t : hi[k];
+    int32_t f;
+    if (kFloor) {
+      f = static_cast<int32_t>(floorf(t));
+    } else {
+      f = static_cast<int32_t>(t);
+      f -= (static_cast<float>(f) > t) ? 1 : 0;
+    }
+    q[k] = static_cast<uint8_t>(f + shift[k]);
   }
 }
 
-// Packs the 4-bit codes q of one pixel (see quant_common.h for the layout).
-void PackNibbles(const uint8_t* __restrict q, int64_t channels,
-                 uint8_t* __restrict out) {
-  const int64_t pairs = channels / 2;
-  for (int64_t k = 0; k < pairs; ++k) {
+// Packs pairs of 4-bit codes: byte k = q[2k] | q[2k+1] << 4 (len even).
+inline void PackPairs(const uint8_t* __restrict q, int64_t len,
+                      uint8_t* __restrict out) {
+  for (int64_t k = 0; k < len / 2; ++k) {
     out[k] = static_cast<uint8_t>(q[2 * k] | (q[2 * k + 1] << 4));
   }
-  if (channels % 2 == 1) out[pairs] = q[channels - 1];
 }
 
-// Restores one pixel: PackedChannels bytes -> channels values and masks.
-template <int kBits>
-void DecodeRow(const uint8_t* __restrict in, const int32_t* __restrict shifts,
-               int64_t channels, float* __restrict x, bool* __restrict m) {
-  using Q = Quant<kBits>;
+// Codes of one row of `len` elements (whole pixels of `channels`), packed.
+// `row` is scratch of len bytes (4 bits only).
+template <int kBits, bool kFloor>
+inline void SaveRowBody(const float* a, const ChannelTables<kBits>& t,
+                        int64_t channels, int64_t len, uint8_t* row,
+                        uint8_t* out) {
   if (kBits == 8) {
-    for (int64_t k = 0; k < channels; ++k) {
-      x[k] = Q::Approx(in[k], shifts[k]);
-      m[k] = Q::Mask(in[k], shifts[k]);
-    }
+    CodeRowBody<kBits, kFloor>(a, t.lo.data(), t.hi.data(), t.shift.data(),
+                               len, out);
     return;
   }
-  const int64_t pairs = channels / 2;
-  for (int64_t k = 0; k < pairs; ++k) {
-    const int32_t lo = in[k] & 0xF, hi = in[k] >> 4;
-    x[2 * k] = Q::Approx(lo, shifts[2 * k]);
-    m[2 * k] = Q::Mask(lo, shifts[2 * k]);
-    x[2 * k + 1] = Q::Approx(hi, shifts[2 * k + 1]);
-    m[2 * k + 1] = Q::Mask(hi, shifts[2 * k + 1]);
+  CodeRowBody<kBits, kFloor>(a, t.lo.data(), t.hi.data(), t.shift.data(), len,
+                             row);
+  if (channels % 2 == 0) {
+    PackPairs(row, len, out);
+  } else {  // one pixel (GroupPixels): last byte holds one code
+    PackPairs(row, len - 1, out);
+    out[len / 2] = row[len - 1];
   }
-  if (channels % 2 == 1) {
-    Q::DecodeElement(in, shifts, channels - 1, x + channels - 1,
-                     m + channels - 1);
+}
+
+// Unpacks the 4-bit codes of `len` elements (whole pixels), one per byte.
+inline void UnpackNibbles(const uint8_t* __restrict in, int64_t len,
+                          uint8_t* __restrict q) {
+  for (int64_t k = 0; k < len / 2; ++k) {
+    q[2 * k] = in[k] & 0xF;
+    q[2 * k + 1] = in[k] >> 4;
   }
+  if (len % 2 == 1) q[len - 1] = in[len / 2] & 0xF;  // one pixel, odd C
+}
+
+// Restores `len` unpacked codes: Quant::Approx, and Quant::Mask as a byte
+// comparison (in its own loop, so that it runs 32 bytes at a time).
+template <int kBits>
+inline void DecodeCodes(const uint8_t* __restrict q,
+                        const int32_t* __restrict shift,
+                        const uint8_t* __restrict threshold, int64_t len,
+                        float* __restrict x, bool* __restrict m) {
+  for (int64_t k = 0; k < len; ++k) m[k] = q[k] > threshold[k];
+  for (int64_t k = 0; k < len; ++k) x[k] = Quant<kBits>::Approx(q[k], shift[k]);
+}
+
+// Restores one row of `len` elements (whole pixels) from packed bytes.
+// `row` is scratch of len bytes (4 bits only).
+template <int kBits>
+inline void RestoreRowBody(const uint8_t* in, const ChannelTables<kBits>& t,
+                           int64_t len, uint8_t* row, float* x, bool* m) {
+  if (kBits == 4) {
+    UnpackNibbles(in, len, row);
+    in = row;
+  }
+  DecodeCodes<kBits>(in, t.shift.data(), t.threshold.data(), len, x, m);
+}
+
+template <int kBits>
+using SaveRowFn = void (*)(const float*, const ChannelTables<kBits>&, int64_t,
+                           int64_t, uint8_t*, uint8_t*);
+template <int kBits>
+using RestoreRowFn = void (*)(const uint8_t*, const ChannelTables<kBits>&,
+                              int64_t, uint8_t*, float*, bool*);
+
+template <int kBits>
+void SaveRowBase(const float* a, const ChannelTables<kBits>& t,
+                 int64_t channels, int64_t len, uint8_t* row, uint8_t* out) {
+  SaveRowBody<kBits, false>(a, t, channels, len, row, out);
+}
+template <int kBits>
+void RestoreRowBase(const uint8_t* in, const ChannelTables<kBits>& t,
+                    int64_t len, uint8_t* row, float* x, bool* m) {
+  RestoreRowBody<kBits>(in, t, len, row, x, m);
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define BLPA_HAVE_AVX2_VARIANT 1
+template <int kBits>
+__attribute__((target("avx2"))) void SaveRowAvx2(
+    const float* a, const ChannelTables<kBits>& t, int64_t channels,
+    int64_t len, uint8_t* row, uint8_t* out) {
+  SaveRowBody<kBits, true>(a, t, channels, len, row, out);
+}
+template <int kBits>
+__attribute__((target("avx2"))) void RestoreRowAvx2(
+    const uint8_t* in, const ChannelTables<kBits>& t, int64_t len,
+    uint8_t* row, float* x, bool* m) {
+  RestoreRowBody<kBits>(in, t, len, row, x, m);
+}
+#endif
+
+bool UseAvx2() {
+#ifdef BLPA_HAVE_AVX2_VARIANT
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2;
+#else
+  return false;
+#endif
+}
+
+template <int kBits>
+SaveRowFn<kBits> PickSaveRow() {
+#ifdef BLPA_HAVE_AVX2_VARIANT
+  if (UseAvx2()) return SaveRowAvx2<kBits>;
+#endif
+  return SaveRowBase<kBits>;
+}
+template <int kBits>
+RestoreRowFn<kBits> PickRestoreRow() {
+#ifdef BLPA_HAVE_AVX2_VARIANT
+  if (UseAvx2()) return RestoreRowAvx2<kBits>;
+#endif
+  return RestoreRowBase<kBits>;
+}
+
+// Runs fn(first_pixel, end_pixel) over all pixels on the intra-op pool, in
+// blocks that are whole multiples of `group` pixels (but the last).
+template <typename Fn>
+void ForEachPixelRange(OpKernelContext* ctx, const Geometry& g, int64_t group,
+                       Fn fn) {
+  // About 2 cycles per channel and pixel for either op.
+  const int64_t groups = (g.pixels + group - 1) / group;
+  const int64_t cost = 2 * g.channels * group + 1;
+  ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(
+      groups, cost, [&](int64_t begin, int64_t end) {
+        fn(begin * group, std::min(end * group, g.pixels));
+      });
 }
 
 template <int kBits>
 void SaveActCpu(OpKernelContext* ctx, const float* act, const float* offset,
                 uint8_t* codes, const Geometry& g) {
-  const std::vector<int32_t> shift_vec =
-      ChannelShifts<kBits>(offset, g.channels);
-  const int32_t* shifts = shift_vec.data();
   const int64_t channels = g.channels, bytes = g.bytes;
-  ForEachPixelRange(ctx, g, [=](int64_t begin, int64_t end) {
-    // 4 bits: codes first go to a one-byte-per-channel row (this vectorizes
-    // like the 8-bit case), then get packed in pairs.
-    std::vector<uint8_t> row(kBits == 4 ? channels : 0);
-    for (int64_t p = begin; p < end; ++p) {
-      if (kBits == 8) {
-        CodeRow<8>(act + p * channels, shifts, channels, codes + p * bytes);
-      } else {
-        CodeRow<4>(act + p * channels, shifts, channels, row.data());
-        PackNibbles(row.data(), channels, codes + p * bytes);
-      }
+  const int64_t group = GroupPixels(channels, kBits);
+  const ChannelTables<kBits> tables(offset, channels, group);
+  const SaveRowFn<kBits> save_row = PickSaveRow<kBits>();
+  ForEachPixelRange(ctx, g, group, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> row(kBits == 4 ? channels * group : 0);
+    for (int64_t p = begin; p < end; p += group) {
+      const int64_t n = std::min(group, end - p);
+      save_row(act + p * channels, tables, channels, n * channels, row.data(),
+               codes + p * bytes);
     }
   });
 }
@@ -169,14 +315,16 @@ template <int kBits>
 void RestoreActCpu(OpKernelContext* ctx, const uint8_t* codes,
                    const float* offset, float* approx, bool* mask,
                    const Geometry& g) {
-  const std::vector<int32_t> shift_vec =
-      ChannelShifts<kBits>(offset, g.channels);
-  const int32_t* shifts = shift_vec.data();
   const int64_t channels = g.channels, bytes = g.bytes;
-  ForEachPixelRange(ctx, g, [=](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      DecodeRow<kBits>(codes + p * bytes, shifts, channels,
-                       approx + p * channels, mask + p * channels);
+  const int64_t group = GroupPixels(channels, kBits);
+  const ChannelTables<kBits> tables(offset, channels, group);
+  const RestoreRowFn<kBits> restore_row = PickRestoreRow<kBits>();
+  ForEachPixelRange(ctx, g, group, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> row(kBits == 4 ? channels * group : 0);
+    for (int64_t p = begin; p < end; p += group) {
+      const int64_t n = std::min(group, end - p);
+      restore_row(codes + p * bytes, tables, n * channels, row.data(),
+                  approx + p * channels, mask + p * channels);
     }
   });
 }
