@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds blpa/_quant_ops.so (the BlpaSaveAct / BlpaRestoreAct ops), loaded by
-# blpa/quant.py. (Not blpa/quant.so: Python would import that file, before
-# quant.py, as the extension module blpa.quant.)
+# Builds blpa/_quant_ops.so, the package's one native op library (loaded by
+# blpa/native.py), from every ops/*.cc: op registrations (*_ops.cc) and CPU
+# kernels (*_kernels.cc); with CUDA, also every ops/*.cu.cc. (Not
+# blpa/quant.so: Python would import that file, before quant.py, as the
+# extension module blpa.quant.)
 #
 #   bash make.sh                  # uses $PYTHON (default python3) for TF flags
 #   NVCC=/path/to/nvcc bash make.sh
@@ -13,8 +15,8 @@
 # - CUDA kernels in the library: only when TensorFlow is built with CUDA and nvcc
 #   is found (then -DGOOGLE_CUDA=1 and cudart are linked).
 # - Whenever nvcc is found, the CUDA kernels are also compiled on their own
-#   (no TF) together with the ops/cuda_check harness, so CUDA compile errors
-#   show up on machines without a GPU.
+#   (no TF) together with the GPU check harnesses ops/*.cu (build/cuda_check
+#   etc.), so CUDA compile errors show up on machines without a GPU.
 # Exits non-zero on any compile error. Safe to re-run.
 set -euo pipefail
 
@@ -70,18 +72,26 @@ fi
 
 built=()
 skipped=()
-OBJS=("$BUILD/quant_ops.o" "$BUILD/quant_kernels.o")
+# Sources: every ops/*.cc except the CUDA ones (*.cu.cc); CUDA: ops/*.cu.cc.
+CC_SRCS=()
+CU_SRCS=()
+for src in ops/*.cc; do
+  if [[ "$src" == *.cu.cc ]]; then CU_SRCS+=("$src"); else CC_SRCS+=("$src"); fi
+done
+OBJS=()
 CUDA_DEFS=()
 LINK_CUDA=()
 
 # --- CUDA kernels inside the library ----------------------------------------
 if [[ "$TF_CUDA" == "1" && -n "$NVCC" ]]; then
-  say "nvcc: quant_kernels.cu.cc (GPU kernels for blpa/_quant_ops.so)"
-  # shellcheck disable=SC2086
-  "$NVCC" -x cu -std=c++17 -O3 -fmad=false -c ops/quant_kernels.cu.cc \
-    -o "$BUILD/quant_kernels.cu.o" -DGOOGLE_CUDA=1 -Xcompiler -fPIC \
-    $NVCC_FLAGS
-  OBJS+=("$BUILD/quant_kernels.cu.o")
+  for src in "${CU_SRCS[@]}"; do
+    name="$(basename "$src" .cc)"
+    say "nvcc: $src (GPU kernels for blpa/_quant_ops.so)"
+    # shellcheck disable=SC2086
+    "$NVCC" -x cu -std=c++17 -O3 -fmad=false -c "$src" \
+      -o "$BUILD/$name.o" -DGOOGLE_CUDA=1 -Xcompiler -fPIC $NVCC_FLAGS
+    OBJS+=("$BUILD/$name.o")
+  done
   CUDA_DEFS=(-DGOOGLE_CUDA=1 "-I$CUDA_HOME/include")
   LINK_CUDA=("-L$CUDA_HOME/lib64" -lcudart)
   built+=("GPU kernels in blpa/_quant_ops.so")
@@ -92,16 +102,18 @@ else
 fi
 
 # --- CPU kernels and op registration ----------------------------------------
-for src in quant_ops quant_kernels; do
-  say "$CXX: ops/$src.cc"
+for src in "${CC_SRCS[@]}"; do
+  name="$(basename "$src" .cc)"
+  say "$CXX: $src"
   # errors::InvalidArgument and ParallelFor are marked deprecated in TF 2.21.
   # -fno-trapping-math lets GCC vectorize the NaN-safe selects of the
   # quantizer; it changes no computed value (unlike -ffast-math).
   # -ffp-contract=off: no fused multiply-adds, so results stay bit-exact.
   # shellcheck disable=SC2086
   "$CXX" -O3 -fPIC -fno-trapping-math -ffp-contract=off -Wall \
-    -Wno-deprecated-declarations -c "ops/$src.cc" -o "$BUILD/$src.o" \
+    -Wno-deprecated-declarations -c "$src" -o "$BUILD/$name.o" \
     "${TF_CFLAGS_SYS[@]}" "${CUDA_DEFS[@]}" $CXXFLAGS
+  OBJS+=("$BUILD/$name.o")
 done
 say "link: blpa/_quant_ops.so"
 # shellcheck disable=SC2086
@@ -111,21 +123,29 @@ built+=("blpa/_quant_ops.so (CPU kernels)")
 
 # --- Standalone CUDA compile check (no TF) ----------------------------------
 if [[ -n "$NVCC" ]]; then
-  say "nvcc: standalone compile of ops/quant_kernels.cu.cc (no TF)"
-  # shellcheck disable=SC2086
-  "$NVCC" -x cu -std=c++17 -O3 -fmad=false -c ops/quant_kernels.cu.cc \
-    -o "$BUILD/quant_kernels_standalone.o" $NVCC_FLAGS
-  say "nvcc: ops/cuda_check.cu -> build/cuda_check"
-  # shellcheck disable=SC2086
-  "$NVCC" -std=c++17 -O3 -fmad=false ops/cuda_check.cu -o "$BUILD/cuda_check" \
-    $NVCC_FLAGS
+  for src in "${CU_SRCS[@]}"; do
+    name="$(basename "$src" .cu.cc)"
+    say "nvcc: standalone compile of $src (no TF)"
+    # shellcheck disable=SC2086
+    "$NVCC" -x cu -std=c++17 -O3 -fmad=false -c "$src" \
+      -o "$BUILD/${name}_standalone.o" $NVCC_FLAGS
+  done
+  # GPU check harnesses: every ops/*.cu -> build/<name> (e.g. build/cuda_check).
+  for src in ops/*.cu; do
+    name="$(basename "$src" .cu)"
+    say "nvcc: $src -> build/$name"
+    # shellcheck disable=SC2086
+    "$NVCC" -std=c++17 -O3 -fmad=false "$src" -o "$BUILD/$name" $NVCC_FLAGS
+  done
   if [[ "$TF_CUDA" != "1" ]]; then
-    say "$CXX: syntax check of the GOOGLE_CUDA kernel registration"
-    "$CXX" -fsyntax-only -Wall -Wno-deprecated-declarations \
-      ops/quant_kernels.cc "${TF_CFLAGS_SYS[@]}" -DGOOGLE_CUDA=1 \
-      -isystem "$CUDA_HOME/include"
+    say "$CXX: syntax check of the GOOGLE_CUDA kernel registrations"
+    for src in "${CC_SRCS[@]}"; do
+      "$CXX" -fsyntax-only -Wall -Wno-deprecated-declarations \
+        "$src" "${TF_CFLAGS_SYS[@]}" -DGOOGLE_CUDA=1 \
+        -isystem "$CUDA_HOME/include"
+    done
   fi
-  built+=("build/quant_kernels_standalone.o, build/cuda_check (CUDA compile check)")
+  built+=("build/*_standalone.o and the GPU check harnesses build/cuda_check etc. (CUDA compile check)")
 else
   skipped+=("standalone CUDA compile check and build/cuda_check: nvcc not found")
 fi

@@ -113,3 +113,84 @@ def build(specs, input_shape, qtype=0, weight_decay=1e-4, multi=False):
     model.add(*spec)
   model.close(qtype, weight_decay, multi)
   return model
+
+
+def keras_cifar_resnet(rblocks=18, num_classes=10, input_shape=(32, 32, 3),
+                       weight_decay=1e-4, shortcut='pool_pad'):
+  """The CIFAR ResNet of :func:`cifar_resnet`, written with ``tf.keras`` layers.
+
+  This is the model a Keras user would write for the same network, and the
+  baseline blpa is compared with: ``Conv2D`` (no bias), fused
+  ``BatchNormalization`` (epsilon 1e-3, like blpa), ``ReLU``, ``Add``,
+  ``GlobalAveragePooling2D`` and a ``Dense`` classifier (blpa's last 1x1
+  conv plus the loss layer's bias). Pre-activation bottleneck blocks, widths
+  16, 32, 64, expansion 4; He-normal kernels; weight decay as an L2 kernel
+  regularizer of ``weight_decay / 2`` on every conv and the classifier, so
+  its gradient is ``weight_decay · kernel`` as in blpa.
+
+  Args:
+    rblocks: bottleneck blocks per stage (18: ResNet-164).
+    num_classes: output classes (the model outputs logits).
+    input_shape: ``(H, W, C)`` of one image.
+    weight_decay: L2 weight decay on kernels (0 for none).
+    shortcut: ``'pool_pad'`` — the reference's parameter-free shortcut
+      (average-pool by the stride, zero-pad the channels), the same network
+      as blpa's; ``'projection'`` — a strided 1x1 conv on the pre-activated
+      input where the shape changes, as Keras users usually write it.
+
+  Returns:
+    An unbuilt-compile ``tf.keras.Model`` mapping images to logits.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  if rblocks < 1:
+    raise ValueError(f'keras_cifar_resnet: rblocks must be >= 1, got {rblocks}')
+  if shortcut not in ('pool_pad', 'projection'):
+    raise ValueError("keras_cifar_resnet: shortcut must be 'pool_pad' or "
+                     f"'projection', got {shortcut!r}")
+  layers = tf.keras.layers
+  reg = tf.keras.regularizers.L2(weight_decay / 2) if weight_decay else None
+  init = tf.keras.initializers.VarianceScaling(2.0, 'fan_in',
+                                               'untruncated_normal')
+
+  def conv(x, filters, ksz, stride=1):
+    return layers.Conv2D(filters, ksz, stride, padding='same', use_bias=False,
+                         kernel_initializer=init, kernel_regularizer=reg)(x)
+
+  def bn_relu(x):
+    x = layers.BatchNormalization(epsilon=1e-3)(x)
+    return layers.ReLU()(x)
+
+  def pool_pad(res, out_ch, stride):
+    if stride > 1:
+      res = layers.AveragePooling2D(stride, stride)(res)
+    extra = out_ch - res.shape[-1]
+    if extra:
+      res = layers.Lambda(lambda t, e=extra: tf.pad(
+          t, [[0, 0], [0, 0], [0, 0], [e // 2, e - e // 2]]))(res)
+    return res
+
+  inputs = tf.keras.Input(shape=input_shape)
+  x = conv(inputs, 16, 3)
+  for stage, width in enumerate((16, 32, 64)):
+    for block in range(rblocks):
+      stride = 2 if (stage > 0 and block == 0) else 1
+      pre = bn_relu(x)
+      if stage == 0 and block == 0:
+        res = pre  # the reference keeps the post-ReLU input here (res_out=2)
+      else:
+        res = x
+      h = conv(pre, width, 1, stride)
+      h = conv(bn_relu(h), width, 3)
+      h = conv(bn_relu(h), 4 * width, 1)
+      if res.shape[-1] != 4 * width or stride > 1:
+        if shortcut == 'projection':
+          res = conv(pre, 4 * width, 1, stride)
+        else:
+          res = pool_pad(res, 4 * width, stride)
+      x = layers.Add()([h, res])
+  x = layers.GlobalAveragePooling2D()(bn_relu(x))
+  outputs = layers.Dense(num_classes, kernel_initializer=tf.keras.initializers
+                         .VarianceScaling(1.0, 'fan_in', 'untruncated_normal'),
+                         kernel_regularizer=reg)(x)
+  return tf.keras.Model(inputs, outputs,
+                        name=f'keras_cifar_resnet{9 * rblocks + 2}')

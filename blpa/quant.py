@@ -24,13 +24,10 @@ When it cannot be loaded, or ``BLPA_PY_OPS=1`` is set, a pure-TF fallback
 that gives bit-identical results is used.
 """
 
-import logging
-import os
-import threading
-import warnings
-
 import numpy as np
 import tensorflow as tf
+
+from blpa import native
 
 __all__ = [
     "save_act",
@@ -40,14 +37,9 @@ __all__ = [
     "backend",
 ]
 
-_logger = logging.getLogger(__name__)
-
 _NBITS = (4, 8)
 _EPS = np.float32(1e-6)
 _FLT_MIN = np.finfo(np.float32).tiny  # smallest normal float32
-# Not "quant.so": Python would import that, ahead of this file, as blpa.quant.
-_DEFAULT_SO = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                           "_quant_ops.so")
 
 for _op in ("BlpaSaveAct", "BlpaRestoreAct"):
   try:
@@ -55,61 +47,11 @@ for _op in ("BlpaSaveAct", "BlpaRestoreAct"):
   except KeyError:  # already registered (module reloaded)
     pass
 
-_lock = threading.Lock()
-_lib = None
-_loaded = False  # whether the backend has been chosen
-
-
-def _so_path():
-  return os.environ.get("BLPA_QUANT_SO") or _DEFAULT_SO
-
-
-def _native_lib():
-  """Returns the loaded op library, or None when the fallback is in use.
-
-  Chooses the backend on the first call: ``BLPA_PY_OPS=1`` selects the
-  fallback; otherwise the library is loaded, and a failure warns once.
-  """
-  global _lib, _loaded
-  with _lock:
-    if _loaded:
-      return _lib
-    if os.environ.get("BLPA_PY_OPS", "") not in ("", "0"):
-      _logger.info("blpa.quant: BLPA_PY_OPS is set; using the pure-TF ops")
-    else:
-      path = _so_path()
-      try:
-        _lib = tf.load_op_library(path)
-      except Exception as err:  # pylint: disable=broad-except
-        warnings.warn(
-            f"blpa.quant: could not load the native ops from {path!r}: "
-            f"{err}. Using the pure-TF fallback (same results, slower). "
-            "Build the library with `bash make.sh` in the repository "
-            "root, or point BLPA_QUANT_SO at a built _quant_ops.so; set "
-            "BLPA_PY_OPS=1 to use the fallback without this warning.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    _loaded = True
-    return _lib
-
-
-def _reset_for_tests():
-  """Forgets the chosen backend so that the next call chooses again."""
-  global _lib, _loaded
-  with _lock:
-    _lib = None
-    _loaded = False
-
-
-def backend():
-  """Which implementation the ops use.
-
-  Returns:
-    ``"native"`` when ``blpa/_quant_ops.so`` (or ``BLPA_QUANT_SO``) is loaded,
-    ``"python"`` when the pure-TF fallback is used.
-  """
-  return "native" if _native_lib() is not None else "python"
+# The library is shared with the package's other native ops (blpa.native).
+_so_path = native.so_path
+_native_lib = native.library
+_reset_for_tests = native.reset_for_tests
+backend = native.backend
 
 
 def _check_nbits(nbits):
