@@ -10,8 +10,12 @@ saver).  It is written independently of :mod:`blpa.layers` on purpose.
 each BN+ReLU layer that blpa would store at K bits is replaced, as the input
 of the next convolution, by its K-bit quantize→restore value (the quantizer
 of :mod:`blpa.quant`), with a straight-through gradient.  The quantization
-error then accumulates through the forward pass, unlike blpa's.
+error then accumulates through the forward pass, unlike blpa's. Other naive
+baselines (fixed-point rounding, :mod:`blpa.fixedpoint`) pass their own
+``naive_fn`` for the same layers.
 """
+
+import functools
 
 import tensorflow as tf
 
@@ -29,7 +33,7 @@ def _unflatten(layers, weights):
   return params, weights[i]
 
 
-def _naive_quantized(layer, p, pre, out, bits):
+def naive_quantized(layer, p, pre, out, bits):
   """``out`` = relu(``pre``) forward-replaced by its K-bit approximation.
 
   The value quantized is ``pre/cs`` with offset ``bias/cs``, as blpa stores
@@ -48,12 +52,12 @@ def _naive_eligible(layer, last_index):
           layer.index != last_index)
 
 
-def _layer(layer, p, x, buf, naive_bits=0):
+def _layer(layer, p, x, buf, naive_fn=None):
   """One layer with ordinary ops; returns (conv output, residual buffer).
 
-  With ``naive_bits``, the convolution's input is the K-bit approximation of
-  the post-ReLU value (straight-through gradient); the residual buffer keeps
-  the exact value.
+  With ``naive_fn``, the convolution's input is ``naive_fn(layer, p, pre,
+  relu(pre))`` (e.g. the K-bit approximation of the post-ReLU value with a
+  straight-through gradient); the residual buffer keeps the exact value.
   """
   z = x
   if layer.nl.res_in:
@@ -72,8 +76,8 @@ def _layer(layer, p, x, buf, naive_bits=0):
   conv_in = None
   if layer.nl.relu:
     pre, h = h, tf.nn.relu(h)
-    if naive_bits:
-      conv_in = _naive_quantized(layer, p, pre, h, naive_bits)
+    if naive_fn is not None:
+      conv_in = naive_fn(layer, p, pre, h)
   if layer.nl.maxpool:
     h = tf.nn.max_pool2d(h, 3, 2, 'SAME')
   if layer.nl.res_out == 1:
@@ -102,7 +106,7 @@ def _stages(layers):
   return stages + [current]
 
 
-def logits(layers, weights, x, recompute=False, naive_bits=0):
+def logits(layers, weights, x, recompute=False, naive_bits=0, naive_fn=None):
   """Logits ``[B, classes]`` of the network.
 
   Args:
@@ -112,12 +116,20 @@ def logits(layers, weights, x, recompute=False, naive_bits=0):
     recompute: wrap each residual stage in ``tf.recompute_grad``.
     naive_bits: 0 (exact), or 4 / 8 for naive K-bit activations (see the
       module docstring).
+    naive_fn: instead of ``naive_bits``, a function ``(layer, params, pre,
+      out)`` → the next convolution's input, applied at the layers where
+      blpa keeps K-bit copies (``pre``: the pre-ReLU value, ``out =
+      relu(pre)``); for other naive baselines.
 
   Returns:
     The logits.
   """
   if naive_bits not in layers_lib.QTYPES:
     raise ValueError(f'naive_bits must be 0, 4 or 8, got {naive_bits!r}')
+  if naive_bits and naive_fn is not None:
+    raise ValueError('give naive_bits or naive_fn, not both')
+  if naive_bits:
+    naive_fn = functools.partial(naive_quantized, bits=naive_bits)
   params, loss_bias = _unflatten(layers, list(weights))
   last_index = layers[-1].index
   by_index = dict(zip((l.index for l in layers), params))
@@ -130,8 +142,8 @@ def logits(layers, weights, x, recompute=False, naive_bits=0):
       for (l, n), w in zip(names, stage_weights):
         p[l.index][n] = w
       for layer in stage:
-        bits = naive_bits if _naive_eligible(layer, last_index) else 0
-        h, b = _layer(layer, p[layer.index], h, b, bits)
+        naive = naive_fn if _naive_eligible(layer, last_index) else None
+        h, b = _layer(layer, p[layer.index], h, b, naive)
       return h, b
 
     fn = tf.recompute_grad(run) if recompute else run
@@ -140,13 +152,13 @@ def logits(layers, weights, x, recompute=False, naive_bits=0):
 
 
 def loss(layers, weights, x, y, weight_decay, recompute=False,
-         naive_bits=0):
+         naive_bits=0, naive_fn=None):
   """Mean cross-entropy plus ``weight_decay/2·Σ‖kernel‖²``.
 
   Returns:
     ``(objective, accuracy, cross_entropy)``.
   """
-  out = logits(layers, weights, x, recompute, naive_bits)
+  out = logits(layers, weights, x, recompute, naive_bits, naive_fn)
   xent = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
       labels=y, logits=out))
   kernels = [w for w in weights if w.shape.rank == 4]
@@ -158,10 +170,11 @@ def loss(layers, weights, x, y, weight_decay, recompute=False,
 
 
 def gradients(layers, weights, x, y, weight_decay, recompute=False,
-              naive_bits=0):
+              naive_bits=0, naive_fn=None):
   """Gradients of :func:`loss` w.r.t. ``weights`` by GradientTape.
 
-  Exact unless ``naive_bits`` is set (then: the naive K-bit baseline).
+  Exact unless ``naive_bits`` or ``naive_fn`` is set (then: a naive
+  baseline, see :func:`logits`).
 
   Returns:
     List of gradient tensors in checkpoint order.
@@ -169,5 +182,5 @@ def gradients(layers, weights, x, y, weight_decay, recompute=False,
   with tf.GradientTape() as tape:
     tape.watch(weights)
     objective, _, _ = loss(layers, weights, x, y, weight_decay, recompute,
-                           naive_bits)
+                           naive_bits, naive_fn)
   return tape.gradient(objective, weights)
