@@ -1,0 +1,371 @@
+"""The paper's experiments at this machine's scale, beside exact training.
+
+Usage::
+
+    python -m blpa.approx.experiments                 # ~15 min on 2 cores
+    python -m blpa.approx.experiments --quick         # a smoke run
+
+For each network (the 64-500-500-10 MLP on scikit-learn's bundled digits,
+all three layers sampled; a WRN-16-4 for 3 epochs and a WRN-10-2 for 10
+epochs on the digits upsampled to 32×32×3, first conv and last dense exact)
+the exact model and its copies at sample ratios 0.5 and 0.33 (topk, forward
+mode) start from the same weights and train in lockstep on the same batches
+with the same schedule (SGD, momentum 0.9, cosine learning rate). Each step
+runs the models in rotating order, so that the wall times per step (medians)
+are measured side by side. Reported: multiply-adds per training step
+(counted per product actually run, :mod:`blpa.approx.macs`), median step
+time, speed-up, final test accuracy (exact evaluation, after the BN
+statistics are recomputed from 20 exact training batches; the raw accuracy
+too). A subprocess on 2 logical CPU devices measures the all-reduce buffer
+of the WRN-16-4 at ratio 1/3 with ``weight_topk``, full against compressed,
+and checks that both give the same gradients.
+
+Writes ``approx.md``, ``approx.json`` and ``approx.png`` (accuracy against
+multiply-adds) to ``--out`` (default ``bench/results``).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["main"]
+
+RATIOS = (1.0, 0.5, 0.33)
+
+
+def digits(image_size=None, seed=0):
+  """scikit-learn's bundled digits, split 80/20 with a fixed permutation.
+
+  Args:
+    image_size: None for the 64 features scaled to [0, 1]; an int for
+      images upsampled (bilinear) to image_size² × 3 channels.
+    seed: permutation seed.
+
+  Returns:
+    ``(x_train, y_train, x_test, y_test)`` as numpy arrays.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  data = load_digits()
+  x = (data.data / 16.0).astype(np.float32)
+  y = data.target.astype(np.int32)
+  if image_size:
+    img = tf.image.resize(x.reshape(-1, 8, 8, 1), [image_size, image_size])
+    x = np.repeat((img.numpy() - 0.3) / 0.4, 3, axis=-1)
+  order = np.random.default_rng(seed).permutation(len(y))
+  x, y = x[order], y[order]
+  cut = int(0.8 * len(y))
+  return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+class _Trainer:
+  """A model, its optimizer and a compiled training step."""
+
+  def __init__(self, model, learning_rate):
+    import keras  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    self.model = model
+    self.optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(x, y):
+      with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True))
+      grads = tape.gradient(loss, model.trainable_variables)
+      self.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+      return loss
+
+    self.step = step
+    self.predict = tf.function(lambda x: model(x, training=False))
+    self.times = []
+
+  def timed_step(self, x, y):
+    start = time.perf_counter()
+    loss = float(self.step(x, y))
+    self.times.append(time.perf_counter() - start)
+    return loss
+
+  def accuracy(self, x, y):
+    return float(np.mean(np.argmax(self.predict(x).numpy(), 1) == y))
+
+  @staticmethod
+  def accuracy_of(model, x, y):
+    """Accuracy of an eager exact evaluation."""
+    return float(np.mean(np.argmax(model(x, training=False).numpy(), 1) == y))
+
+
+def _cosine(lr, total):
+  import keras  # pylint: disable=import-outside-toplevel
+  return keras.optimizers.schedules.CosineDecay(lr, total)
+
+
+def _train_lockstep(trainers, x_train, y_train, epochs, batch, rng):
+  """One step of every trainer per batch, in rotating order.
+
+  Returns:
+    ``(last losses, number of batches)``.
+  """
+  losses = np.zeros(len(trainers))
+  count = 0
+  for _ in range(epochs):
+    order = rng.permutation(len(y_train))
+    for start in range(0, len(order) - batch + 1, batch):
+      idx = order[start:start + batch]
+      shift = count % len(trainers)
+      for i in list(range(shift, len(trainers))) + list(range(shift)):
+        losses[i] = trainers[i].timed_step(x_train[idx], y_train[idx])
+      count += 1
+  return losses, count
+
+
+def compare(name, build, data, epochs, batch, lr, skip, ratios=RATIOS,
+            seed=0, calib=20, sampler="topk"):
+  """Trains the exact model and its sampled copies in lockstep.
+
+  Args:
+    name: the experiment's name.
+    build: ``() -> keras.Model``, the exact network.
+    data: ``(x_train, y_train, x_test, y_test)``.
+    epochs: training epochs.
+    batch: batch size (the last partial batch is dropped).
+    lr: peak learning rate (cosine decay to 0).
+    skip: ``skip`` argument of :func:`blpa.approx.approximate`.
+    ratios: sample ratios (1 is the exact model itself).
+    seed: seed of the weights and of the batch order.
+    calib: training batches of exact forward passes that set the BN
+      statistics before the (exact) test evaluation, for every ratio.
+    sampler: the sampler of the approximate copies (forward mode).
+
+  Returns:
+    A list of result dicts, one per ratio.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  from blpa.approx import approximate, macs  # pylint: disable=import-outside-toplevel
+  from blpa.approx.calibrate import recalibrate_batch_norm  # pylint: disable=import-outside-toplevel
+  x_train, y_train, x_test, y_test = data
+  keras.utils.set_random_seed(seed)
+  base = build()
+  steps = epochs * (len(y_train) // batch)
+  models = [base if r == 1.0 else approximate(base, r, skip=skip,
+                                              sampler=sampler, seed=seed)
+            for r in ratios]
+  trainers = [_Trainer(m, _cosine(lr, steps)) for m in models]
+  losses, count = _train_lockstep(trainers, x_train, y_train, epochs, batch,
+                                  np.random.default_rng(seed))
+  calibrated = []
+  for trainer in trainers:
+    raw = trainer.accuracy(x_test, y_test)
+    recalibrate_batch_norm(trainer.model, [x_train[i:i + batch] for i in
+                                           range(0, calib * batch, batch)])
+    calibrated.append((raw, _Trainer.accuracy_of(trainer.model, x_test,
+                                                 y_test)))
+  exact_macs = macs.training_macs(models[0], batch)["total"]
+  exact_time = float(np.median(trainers[0].times[2:]))
+  rows = []
+  for ratio, trainer, loss, (raw, recal) in zip(ratios, trainers, losses,
+                                               calibrated):
+    step_macs = macs.training_macs(trainer.model, batch)["total"]
+    step_time = float(np.median(trainer.times[2:]))
+    rows.append(dict(
+        experiment=name, ratio=ratio, sampler=sampler if ratio < 1 else
+        "exact", steps=count, batch=batch,
+        macs_per_step=int(step_macs), macs_saved=1 - step_macs / exact_macs,
+        step_time_s=step_time, speedup=exact_time / step_time,
+        final_loss=float(loss), test_accuracy_raw=raw,
+        test_accuracy=recal, calibration_batches=calib))
+  return rows
+
+
+def communication(depth=16, width=4, ratio=1 / 3, batch=8):
+  """All-reduce bytes per step, full vs compressed, on 2 logical devices.
+
+  Must run in a fresh process (it configures the logical devices).
+
+  Returns:
+    dict with the bytes of both buffers, the saving, and whether the two
+    all-reduces gave bit-identical gradients on two steps.
+  """
+  import keras  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from blpa.approx import approximate, nets  # pylint: disable=import-outside-toplevel
+  from blpa.approx import distributed  # pylint: disable=import-outside-toplevel
+  strategy = distributed.logical_cpu_strategy(2)
+  keras.utils.set_random_seed(0)
+  with strategy.scope():
+    model = approximate(nets.wide_resnet(depth, width), ratio,
+                        sampler="weight_topk")
+    optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+  full = distributed.CompressedAllReduce(model, compressed=False)
+  compressed = distributed.CompressedAllReduce(model)
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True, reduction="sum")
+
+  def replica_step(x, y):
+    with tf.GradientTape() as tape:
+      loss = loss_fn(y, model(x, training=True)) / (2 * batch)
+    grads = tape.gradient(loss, model.trainable_variables)
+    return full.all_reduce(grads), compressed.apply_gradients(optimizer,
+                                                             grads)
+
+  @tf.function
+  def step(x, y):
+    return strategy.run(replica_step, (x, y))
+
+  x_train, y_train, _, _ = digits(32)
+  same = True
+  for i in range(2):
+    chunk = slice(2 * batch * i, 2 * batch * (i + 1))
+    xs, ys = x_train[chunk], y_train[chunk]
+    dist_x = strategy.experimental_distribute_values_from_function(
+        lambda ctx: xs[ctx.replica_id_in_sync_group::2])
+    dist_y = strategy.experimental_distribute_values_from_function(
+        lambda ctx: ys[ctx.replica_id_in_sync_group::2])
+    want, got = step(dist_x, dist_y)
+    same &= all(np.array_equal(a.numpy(), b.numpy())
+                for w, g in zip(want, got)
+                for a, b in zip(strategy.experimental_local_results(w),
+                                strategy.experimental_local_results(g)))
+  return dict(network=f"WRN-{depth}-{width}", ratio=ratio,
+              full_bytes=full.bytes_per_step(),
+              compressed_bytes=compressed.bytes_per_step(),
+              saved=1 - compressed.bytes_per_step() / full.bytes_per_step(),
+              bit_identical=bool(same))
+
+
+def _communication_subprocess(args):
+  """Runs :func:`communication` in a fresh process and returns its dict."""
+  cmd = [sys.executable, "-m", "blpa.approx.experiments", "--comm-only",
+         "--depth", str(args.depth), "--width", str(args.width)]
+  root = os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=root + os.pathsep +
+             os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                        check=False, timeout=900)
+  if proc.returncode != 0:
+    raise RuntimeError(f"communication run failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(rows):
+  lines = ["| experiment | ratio | GMACs/step | MACs saved | step (ms) | "
+           "speed-up | test acc. (BN recal.) | test acc. (raw) |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(
+        f"| {r['experiment']} | {r['ratio']:g} | {r['macs_per_step'] / 1e9:.3f}"
+        f" | {100 * r['macs_saved']:.1f}% | {1e3 * r['step_time_s']:.1f} | "
+        f"{r['speedup']:.2f}× | {100 * r['test_accuracy']:.1f}% | "
+        f"{100 * r['test_accuracy_raw']:.1f}% |")
+  return lines
+
+
+def _plot(rows, path):
+  """Accuracy against multiply-adds per step, one panel per experiment."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  names = sorted({r["experiment"] for r in rows})
+  fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6))
+  for ax, name in zip(np.atleast_1d(axes), names):
+    sub = [r for r in rows if r["experiment"] == name]
+    ax.plot([r["macs_per_step"] / 1e9 for r in sub],
+            [100 * r["test_accuracy"] for r in sub], "o-")
+    for r in sub:
+      ax.annotate(f"r={r['ratio']:g}", (r["macs_per_step"] / 1e9,
+                                        100 * r["test_accuracy"]))
+    ax.set_xlabel("GMACs per training step")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(name)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_results(result, out):
+  """Writes approx.md, approx.json and approx.png to the folder out."""
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "approx.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
+  comm = result["communication"]
+  lines = ["# blpa.approx: sampled training beside exact training", "",
+           f"Command: `{result['command']}`; {result['setup']}", ""]
+  lines += _table(result["rows"])
+  lines += ["", f"All-reduce per step, {comm['network']} at ratio "
+            f"{comm['ratio']:.3g} (weight_topk, 2 logical CPU devices): full "
+            f"{comm['full_bytes'] / 1e6:.2f} MB, compressed "
+            f"{comm['compressed_bytes'] / 1e6:.2f} MB "
+            f"({100 * comm['saved']:.1f}% less); gradients bit-identical: "
+            f"{comm['bit_identical']}.", "",
+            "![accuracy against multiply-adds](approx.png)", ""]
+  with open(os.path.join(out, "approx.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines))
+  _plot(result["rows"], os.path.join(out, "approx.png"))
+
+
+def _parser():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=os.path.join("bench", "results"))
+  parser.add_argument("--mlp-epochs", type=int, default=60)
+  parser.add_argument("--wrn-epochs", type=int, default=3)
+  parser.add_argument("--small-epochs", type=int, default=10,
+                      help="epochs of the longer WRN-10-2 accuracy run")
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--depth", type=int, default=16)
+  parser.add_argument("--width", type=int, default=4)
+  parser.add_argument("--quick", action="store_true",
+                      help="a smoke run: tiny WRN, one epoch each")
+  parser.add_argument("--comm-only", action="store_true",
+                      help=argparse.SUPPRESS)
+  return parser
+
+
+def main(argv=None):
+  args = _parser().parse_args(argv)
+  if args.comm_only:
+    print(json.dumps(communication(args.depth, args.width)))
+    return 0
+  if args.quick:
+    args.mlp_epochs, args.wrn_epochs, args.small_epochs = 1, 1, 1
+    args.depth, args.width = 10, 1
+  from blpa.approx import nets  # pylint: disable=import-outside-toplevel
+  load = os.getloadavg()[0]
+  started = time.time()
+  rows = compare("MLP 64-500-500-10, digits", nets.mlp, digits(),
+                 args.mlp_epochs, 64, 0.05, skip=None)
+  images = digits(32)
+  wrn = f"WRN-{args.depth}-{args.width}, {args.wrn_epochs} epochs"
+  rows += compare(wrn, lambda: nets.wide_resnet(args.depth, args.width),
+                  images, args.wrn_epochs, args.batch, 0.05, skip="ends")
+  small = f"WRN-10-2, {args.small_epochs} epochs"
+  rows += compare(small, lambda: nets.wide_resnet(10, 2), images,
+                  args.small_epochs, args.batch, 0.05, skip="ends")
+  comm = _communication_subprocess(args)
+  result = dict(
+      command=" ".join(["python -m blpa.approx.experiments"] + list(
+          argv if argv is not None else sys.argv[1:])),
+      setup=(f"MLP {args.mlp_epochs} epochs batch 64, WRNs batch "
+             f"{args.batch}; images: the digits upsampled to 32×32×3; topk "
+             "forward sampling; BN statistics recalibrated with 20 exact "
+             "training batches before the exact test evaluation; TF "
+             f"oneDNN={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default')}; "
+             f"load average {load:.1f} at start, "
+             f"{os.getloadavg()[0]:.1f} at end (shared machine); "
+             f"{time.time() - started:.0f} s in all"),
+      rows=rows, communication=comm)
+  write_results(result, args.out)
+  print("\n".join(_table(rows)))
+  print(json.dumps(comm))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

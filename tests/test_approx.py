@@ -1,0 +1,387 @@
+"""Tests of blpa.approx: samplers, sampled layers in every mode, conversion."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+from blpa import approx
+from blpa.approx import macs, nets, sampling
+
+MODES_SAMPLERS = [(m, s) for m in ("forward", "backward", "blackbox")
+                  for s in sampling.SAMPLERS
+                  if m != "backward" or s in sampling.UNBIASED_SAMPLERS]
+LAYERS = [
+    (approx.ApproxDense, keras.layers.Dense, dict(units=6), (5, 12)),
+    (approx.ApproxConv2D, keras.layers.Conv2D,
+     dict(filters=6, kernel_size=3, padding="same", strides=2), (3, 8, 8, 10)),
+]
+
+
+def _pair(approx_cls, exact_cls, kwargs, shape, **approx_kwargs):
+  """An approximate layer and the exact one, built, with the same weights."""
+  exact = exact_cls(**kwargs)
+  layer = approx_cls(**kwargs, **approx_kwargs)
+  exact.build(shape)
+  layer.build(shape)
+  rng = np.random.default_rng(1)
+  layer.set_weights([rng.normal(size=w.shape).astype(np.float32)
+                     for w in exact.get_weights()])
+  exact.set_weights(layer.get_weights())
+  return layer, exact
+
+
+def _grads(layer, x, training=True):
+  """Output and gradients (input, kernel, bias) of a squared loss."""
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = layer(x, training=training)
+    loss = tf.reduce_sum(tf.square(y))
+  grads = tape.gradient(loss, [x] + layer.trainable_weights)
+  return [y] + [tf.convert_to_tensor(g) for g in grads]
+
+
+def _inputs(shape, seed=2):
+  return tf.constant(np.random.default_rng(seed).normal(size=shape),
+                     tf.float32)
+
+
+@pytest.mark.parametrize("mode,sampler", MODES_SAMPLERS)
+@pytest.mark.parametrize("classes", LAYERS, ids=["dense", "conv"])
+def test_exact_when_k_is_n(classes, mode, sampler):
+  """k == n (ratio 1, or minimal_k >= n), or training=False: bit-identical."""
+  approx_cls, exact_cls, kwargs, shape = classes
+  x = _inputs(shape)
+  for extra in (dict(sample_ratio=1.0), dict(sample_ratio=0.3,
+                                             minimal_k=100)):
+    layer, exact = _pair(approx_cls, exact_cls, kwargs, shape, mode=mode,
+                         sampler=sampler, seed=3, **extra)
+    assert layer.num_kept() == layer.kernel.shape[layer.kernel_in_axis]
+    for got, want in zip(_grads(layer, x), _grads(exact, x)):
+      np.testing.assert_array_equal(got.numpy(), want.numpy())
+  layer, exact = _pair(approx_cls, exact_cls, kwargs, shape, mode=mode,
+                       sampler=sampler, sample_ratio=0.5, seed=3)
+  np.testing.assert_array_equal(layer(x, training=False).numpy(),
+                                exact(x, training=False).numpy())
+  np.testing.assert_array_equal(layer(x).numpy(), exact(x).numpy())
+
+
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
+@pytest.mark.parametrize("classes", LAYERS, ids=["dense", "conv"])
+def test_forward_mode_zero_outside_sample(classes, sampler):
+  """Unselected features/channels get exactly zero input and kernel grads."""
+  approx_cls, exact_cls, kwargs, shape = classes
+  layer, exact = _pair(approx_cls, exact_cls, kwargs, shape, sampler=sampler,
+                       sample_ratio=0.5, seed=4)
+  x = _inputs(shape)
+  y, grad_x, grad_w, grad_b = _grads(layer, x)
+  in_axis = layer.kernel_in_axis
+  other_w = tuple(a for a in range(grad_w.ndim) if a != in_axis)
+  other_x = tuple(range(grad_x.ndim - 1))
+  used_w = np.any(grad_w.numpy() != 0, axis=other_w)
+  used_x = np.any(grad_x.numpy() != 0, axis=other_x)
+  np.testing.assert_array_equal(used_w, used_x)
+  k = layer.num_kept()
+  assert 1 <= used_w.sum() <= (k if sampler != "bernoulli" else used_w.size)
+  assert used_w.sum() < used_w.size or sampler == "bernoulli"
+  y_exact, _, _, grad_b_exact = _grads(exact, x)
+  assert not np.allclose(y.numpy(), y_exact.numpy())
+  assert grad_b.shape == grad_b_exact.shape
+
+
+@pytest.mark.parametrize("classes", LAYERS, ids=["dense", "conv"])
+def test_topk_keeps_largest_scores(classes):
+  """topk keeps the k largest ‖x_i‖·‖w_i‖; weight_topk the largest ‖w_i‖."""
+  approx_cls, exact_cls, kwargs, shape = classes
+  x = _inputs(shape)
+  for sampler in ("topk", "weight_topk"):
+    layer, _ = _pair(approx_cls, exact_cls, kwargs, shape, sampler=sampler,
+                     sample_ratio=0.5)
+    _, grad_x, _, _ = _grads(layer, x)
+    used = np.any(grad_x.numpy() != 0, axis=tuple(range(grad_x.ndim - 1)))
+    w = layer.kernel.numpy()
+    w_norms = np.sqrt((np.moveaxis(w, layer.kernel_in_axis, -1) ** 2).reshape(
+        -1, w.shape[layer.kernel_in_axis]).sum(0))
+    x_norms = np.sqrt((x.numpy() ** 2).reshape(-1, x.shape[-1]).sum(0))
+    scores = w_norms if sampler == "weight_topk" else w_norms * x_norms
+    want = np.zeros(scores.size, bool)
+    want[np.argsort(-scores)[:layer.num_kept()]] = True
+    np.testing.assert_array_equal(used, want)
+
+
+@pytest.mark.parametrize("classes", LAYERS, ids=["dense", "conv"])
+def test_blackbox_gradients_are_exact(classes):
+  """Blackbox: sampled forward output, the exact layer's gradients."""
+  approx_cls, exact_cls, kwargs, shape = classes
+  layer, exact = _pair(approx_cls, exact_cls, kwargs, shape, mode="blackbox",
+                       sample_ratio=0.5)
+  x = _inputs(shape)
+  y_sampled = layer(x, training=True)
+  assert not np.allclose(y_sampled.numpy(), exact(x).numpy())
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    out = layer(x, training=True)
+  got = tape.gradient(out, [x, layer.kernel, layer.bias],
+                      output_gradients=tf.ones_like(out) * 0.5)
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    out = exact(x, training=True)
+  want = tape.gradient(out, [x, exact.kernel, exact.bias],
+                       output_gradients=tf.ones_like(out) * 0.5)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g.numpy(), w.numpy())
+
+
+@pytest.mark.parametrize("classes", LAYERS, ids=["dense", "conv"])
+def test_backward_mode_exact_forward_unbiased_gradients(classes):
+  """Backward mode: exact output; grads average to the exact grads."""
+  approx_cls, exact_cls, kwargs, shape = classes
+  layer, exact = _pair(approx_cls, exact_cls, kwargs, shape, mode="backward",
+                       sampler="bernoulli", sample_ratio=0.5, seed=5)
+  x = _inputs(shape)
+  want = _grads(exact, x)
+  step = tf.function(lambda: _grads(layer, x))
+  draws = [step() for _ in range(400)]
+  np.testing.assert_array_equal(draws[0][0].numpy(), want[0].numpy())
+  for i in (1, 2):
+    mean = np.mean([d[i].numpy() for d in draws], axis=0)
+    single = np.linalg.norm(draws[0][i].numpy() - want[i].numpy())
+    err = np.linalg.norm(mean - want[i].numpy())
+    assert err < 0.2 * single, (i, err, single)
+
+
+def _monte_carlo_errors(sampler, draws_list, seed=0):
+  """Relative errors of the mean of sampled_matmul estimates."""
+  rng = np.random.default_rng(seed)
+  a = tf.constant(rng.normal(size=(8, 40)), tf.float32)
+  b = tf.constant(rng.normal(size=(40, 6)) *
+                  rng.uniform(0.1, 2, size=(40, 1)), tf.float32)
+  exact = (a @ b).numpy()
+  k = 10
+  estimate = tf.function(
+      lambda u: sampling.matmul_with(a, b, k, sampler, u))
+  shape = sampling.uniform_shape(sampler, 40, k)
+  total, count, errors = np.zeros_like(exact, np.float64), 0, []
+  for draws in draws_list:
+    while count < draws:
+      total += estimate(tf.constant(rng.uniform(size=shape),
+                                    tf.float32)).numpy()
+      count += 1
+    errors.append(np.linalg.norm(total / count - exact) /
+                  np.linalg.norm(exact))
+  return errors
+
+
+@pytest.mark.parametrize("sampler", ["crs", "bernoulli"])
+def test_random_samplers_unbiased(sampler):
+  """The mean of many draws converges to a @ b like 1/sqrt(draws)."""
+  errors = _monte_carlo_errors(sampler, [25, 400, 1600])
+  assert errors[1] < errors[0] / 2, errors
+  assert errors[2] < errors[0] / 4, errors
+  assert errors[2] < 0.05, errors
+
+
+def test_topk_is_biased():
+  """topk's estimate does not converge (a check that the test can fail)."""
+  rng = np.random.default_rng(0)
+  a = tf.constant(rng.normal(size=(8, 40)), tf.float32)
+  b = tf.constant(rng.normal(size=(40, 6)), tf.float32)
+  got = approx.sampled_matmul(a, b, 10, "topk").numpy()
+  assert np.linalg.norm(got - (a @ b).numpy()) > 0.1 * np.linalg.norm(
+      (a @ b).numpy())
+
+
+def test_bernoulli_all_zero_scores_is_exact():
+  """With no nonzero score, bernoulli computes the product exactly."""
+  a = tf.zeros([3, 5])
+  b = tf.random.normal([5, 2])
+  indices, scales = sampling.draw("bernoulli", tf.zeros([5]), 2,
+                                  tf.random.uniform([5]))
+  np.testing.assert_array_equal(indices.numpy(), np.arange(5))
+  np.testing.assert_array_equal(scales.numpy(), np.ones(5))
+  np.testing.assert_array_equal(
+      approx.sampled_matmul(a, b, 2, "bernoulli", seed=1).numpy(),
+      np.zeros([3, 2]))
+
+
+def test_sampled_matmul_exact_and_errors():
+  a = tf.random.normal([4, 6])
+  b = tf.random.normal([6, 3])
+  for sampler in sampling.SAMPLERS:
+    np.testing.assert_array_equal(
+        approx.sampled_matmul(a, b, 6, sampler).numpy(), (a @ b).numpy())
+  with pytest.raises(ValueError, match="inner dimensions"):
+    approx.sampled_matmul(a, tf.zeros([5, 3]), 2)
+  with pytest.raises(ValueError, match="2-D"):
+    approx.sampled_matmul(a[None], b, 2)
+  with pytest.raises(ValueError, match="sampler"):
+    approx.sampled_matmul(a, b, 2, "uniform")
+  with pytest.raises(ValueError, match="k must be"):
+    approx.sampled_matmul(a, b, 0)
+
+
+def test_num_samples():
+  assert approx.num_samples(10, 0.5) == 5
+  assert approx.num_samples(10, 0.33) == 3   # int truncates
+  assert approx.num_samples(10, 0.01, 2) == 2
+  assert approx.num_samples(3, 0.5, 7) == 3
+  assert approx.num_samples(64, 1.0) == 64
+  for bad in (0.0, 1.5, -0.1, "0.5", True):
+    with pytest.raises(ValueError, match="sample_ratio"):
+      approx.num_samples(10, bad)
+  with pytest.raises(ValueError, match="minimal_k"):
+    approx.num_samples(10, 0.5, 0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sample_ratio=0.0), "sample_ratio"),
+    (dict(sample_ratio=2.0), "sample_ratio"),
+    (dict(minimal_k=0), "minimal_k"),
+    (dict(mode="sideways"), "mode"),
+    (dict(sampler="random"), "sampler"),
+    (dict(mode="backward", sampler="topk"), "unbiased"),
+    (dict(mode="backward", sampler="weight_topk"), "unbiased"),
+    (dict(seed="x"), "seed"),
+])
+def test_bad_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    approx.ApproxDense(4, **kwargs)
+  with pytest.raises(ValueError, match=match):
+    approx.ApproxConv2D(4, 3, **kwargs)
+
+
+def test_conv_groups_and_channels_first_need_ratio_one():
+  with pytest.raises(ValueError, match="groups"):
+    approx.ApproxConv2D(4, 3, groups=2, sample_ratio=0.5)
+  with pytest.raises(ValueError, match="channels_last"):
+    approx.ApproxConv2D(4, 3, data_format="channels_first", sample_ratio=0.5)
+  approx.ApproxConv2D(4, 3, groups=2)  # exact: accepted
+
+
+def test_serialization(tmp_path):
+  """get_config/from_config and a saved .keras model keep everything."""
+  layer = approx.ApproxConv2D(5, 3, sample_ratio=0.4, minimal_k=2,
+                              mode="blackbox", sampler="crs", seed=7,
+                              padding="same")
+  config = layer.get_config()
+  clone = approx.ApproxConv2D.from_config(config)
+  assert clone.get_config() == config
+  assert (clone.sample_ratio, clone.minimal_k, clone.mode, clone.sampler,
+          clone.seed) == (0.4, 2, "blackbox", "crs", 7)
+  inp = keras.Input((6,))
+  model = keras.Model(inp, approx.ApproxDense(3, sample_ratio=0.5,
+                                              sampler="bernoulli")(inp))
+  path = str(tmp_path / "m.keras")
+  model.save(path)
+  loaded = keras.models.load_model(path)
+  assert isinstance(loaded.layers[1], approx.ApproxDense)
+  assert loaded.layers[1].sampler == "bernoulli"
+  x = np.ones((2, 6), np.float32)
+  np.testing.assert_array_equal(loaded.predict(x, verbose=0),
+                                model.predict(x, verbose=0))
+
+
+def test_approximate_model():
+  """approximate() replaces layers, keeps ends exact, copies weights."""
+  base = nets.wide_resnet(10, 1, input_shape=(8, 8, 3))
+  model = approx.approximate(base, 0.5)
+  kinds = [(type(l).__name__, getattr(l, "sample_ratio", None))
+           for l in model.layers
+           if isinstance(l, (keras.layers.Dense, keras.layers.Conv2D))]
+  assert kinds[0] == ("Conv2D", None) and kinds[-1] == ("Dense", None)
+  assert all(k == ("ApproxConv2D", 0.5) for k in kinds[1:-1])
+  for w, v in zip(base.get_weights(), model.get_weights()):
+    np.testing.assert_array_equal(w, v)
+  x = _inputs((2, 8, 8, 3))
+  np.testing.assert_array_equal(base(x).numpy(), model(x).numpy())
+  assert not np.allclose(base(x, training=True).numpy(),
+                         model(x, training=True).numpy())
+  every = approx.approximate(base, 0.5, skip=None)
+  assert all(isinstance(l, (approx.ApproxDense, approx.ApproxConv2D))
+             for l in every.layers
+             if isinstance(l, (keras.layers.Dense, keras.layers.Conv2D)))
+  with pytest.raises(ValueError, match="does not have"):
+    approx.approximate(base, 0.5, skip=["nope"])
+
+
+def test_training_macs():
+  """MACs counted per product: a hand count, and the WRN saving at 0.5."""
+  model = approx.approximate(nets.mlp(64, (500, 500)), 0.5, skip=None)
+  count = macs.training_macs(model, 32)
+  first = count["layers"][model.layers[1].name]
+  assert first == {"forward": 32 * 32 * 500, "grad_input": 0,
+                   "grad_kernel": 32 * 32 * 500}
+  base = nets.wide_resnet(10, 2, input_shape=(16, 16, 3))
+  exact = macs.training_macs(base, 8)["total"]
+  half = macs.training_macs(approx.approximate(base, 0.5), 8)["total"]
+  assert half < 0.6 * exact
+
+
+def test_fit_trains():
+  """fit with approximate layers runs and lowers the loss."""
+  keras.utils.set_random_seed(0)
+  x = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
+  y = (x[:, :3].sum(1) > 0).astype(np.int32)
+  model = approx.approximate(nets.mlp(10, (32,), classes=2), 0.5, skip=None)
+  model.compile(keras.optimizers.SGD(0.1),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  hist = model.fit(x, y, epochs=8, batch_size=16, verbose=0)
+  assert hist.history["loss"][-1] < hist.history["loss"][0]
+
+
+def test_backward_mode_samples_outputs_and_batch():
+  """Backward mode samples when its output features or batch allow it,
+  even when every input feature would be kept."""
+  layer, exact = _pair(approx.ApproxDense, keras.layers.Dense,
+                       dict(units=40), (16, 12), mode="backward",
+                       sampler="crs", sample_ratio=0.5, minimal_k=12, seed=1)
+  assert layer.num_kept() == 12
+  x = _inputs((16, 12))
+  got, want = _grads(layer, x), _grads(exact, x)
+  np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
+  assert not np.allclose(got[1].numpy(), want[1].numpy())
+  assert not np.allclose(got[2].numpy(), want[2].numpy())
+
+
+def test_recalibrate_batch_norm():
+  """BN statistics become the averages over exact forward passes."""
+  from blpa.approx.calibrate import exact_layers, recalibrate_batch_norm
+  inp = keras.Input((6, 6, 4))
+  x = keras.layers.Conv2D(8, 3, padding="same")(inp)
+  x = keras.layers.Conv2D(5, 3, padding="same")(x)
+  norm = keras.layers.BatchNormalization(momentum=0.9)
+  model = approx.approximate(keras.Model(inp, norm(x)), 0.5)
+  pre_bn = keras.Model(model.inputs, model.layers[-1].input)
+  batches = [_inputs((4, 6, 6, 4), seed) for seed in (1, 2)]
+  assert recalibrate_batch_norm(model, batches) == 2
+  means = [np.mean(pre_bn(b, training=False).numpy(), axis=(0, 1, 2))
+           for b in batches]
+  np.testing.assert_allclose(model.layers[-1].moving_mean.numpy(),
+                             np.mean(means, 0), rtol=1e-5, atol=1e-6)
+  assert model.layers[-1].momentum == 0.9
+  layer = model.layers[2]
+  with exact_layers(model):
+    assert layer.sample_ratio == 1.0
+  assert layer.sample_ratio == 0.5
+
+
+def test_experiment_compare_runs():
+  """The lockstep comparison reports counted MACs, times and accuracies."""
+  from blpa.approx import experiments
+  x_train, y_train, x_test, y_test = experiments.digits()
+  data = (x_train[:256], y_train[:256], x_test[:64], y_test[:64])
+  rows = experiments.compare("mlp", lambda: nets.mlp(64, (32, 32)), data, 1,
+                             64, 0.05, skip=None, ratios=(1.0, 0.5))
+  assert [r["ratio"] for r in rows] == [1.0, 0.5]
+  assert rows[0]["macs_saved"] == 0 and rows[1]["macs_saved"] == 0.5
+  assert all(r["steps"] == 4 and r["step_time_s"] > 0 and
+             0 <= r["test_accuracy"] <= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_experiments_quick(tmp_path):
+  """The experiments command in its smoke mode writes its three files."""
+  from blpa.approx import experiments
+  assert experiments.main(["--quick", "--out", str(tmp_path)]) == 0
+  for name in ("approx.md", "approx.json", "approx.png"):
+    assert (tmp_path / name).stat().st_size > 0
