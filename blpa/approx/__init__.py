@@ -3,7 +3,7 @@
 Adelman, Levy, Hakimi, Silberstein, *Faster Neural Network Training with
 Approximate Tensor Operations*, NeurIPS 2021: each matrix product (or
 convolution, a sum over input channels) keeps only k of its n column-row
-pairs in training; evaluation is exact. See ``/work/shared/APPROX.md`` and
+pairs in training; evaluation is exact. See ``docs/approx.md`` and
 the README section "Approximate tensor operations".
 
 - :class:`ApproxDense`, :class:`ApproxConv2D`: drop-in Keras layers.

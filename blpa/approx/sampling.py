@@ -5,7 +5,7 @@ A product ``C = A·B`` (``A`` m×n, ``B`` n×p) is the sum of n outer products
 gives each kept pair a scale ``c_i``; the estimate is
 ``(A[:, S]·diag(c_S))·B[S, :]``. Scores, indices and scales carry no gradient.
 
-Samplers (``/work/shared/APPROX.md``):
+Samplers (stated in full in ``docs/approx.md``):
 
 - ``topk``: the k largest scores ``‖A[:, i]‖·‖B[i, :]‖``, scale 1 (biased).
 - ``weight_topk``: the k largest weight-side norms ``‖B[i, :]‖``, scale 1
