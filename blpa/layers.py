@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import tensorflow as tf
 
-from blpa import quant
+from blpa import fused
 
 BN_EPSILON = 1e-3
 SCALE_MIN = 1e-8
@@ -292,6 +292,10 @@ def conv_input(layer, p):
 def forward(layer, params, x, buf, bn_stats=None, save=True):
   """Runs one layer exactly.
 
+  The batch moments, then BN, scale, bias and ReLU with the saved copy, run
+  as fused ops (:mod:`blpa.fused`), with the float32 results of the
+  unfused formulas.
+
   Args:
     layer: the :class:`Layer`.
     params: dict of the layer's weights (``'scale'``, ``'bias'``,
@@ -310,36 +314,36 @@ def forward(layer, params, x, buf, bn_stats=None, save=True):
   saved, moments = {}, None
   if layer.has_scale:
     if bn_stats is None:
-      mean, var = tf.nn.moments(z, axes=[0, 1, 2])
+      mean, var = fused.bn_moments(z)
       moments = (mean, var)
     else:
       mean, var = bn_stats
     sigma = tf.sqrt(var + BN_EPSILON)
-    u = (z - mean) / sigma
     cs = clamped_scale(params['scale'])
-    h = u * cs
+    bias = _bias(layer, params, cs)
+    bits = layer.bits if save else 0
+    r, saved['act'] = fused.bn_relu_forward(z, mean, sigma, cs, bias, bits,
+                                            layer.nl.relu)
     saved['sigma'] = sigma
+    if bits:
+      saved['offset'] = bias / cs
+    p = tf.nn.max_pool2d(r, 3, 2, 'SAME') if layer.nl.maxpool else r
   else:
-    u, cs = z, None
-    h = z
-  if layer.has_bias:
-    h = h + params['bias']
-  _, p = nonlinearity(layer, h)
+    h = z + params['bias'] if layer.has_bias else z
+    _, p = nonlinearity(layer, h)
+    saved['act'] = z
   if layer.nl.res_out == 1:
     buf = z
   elif layer.nl.res_out == 2:
     buf = p
   out = tf.nn.conv2d(conv_input(layer, p), params['kernel'], layer.stride,
                      layer.pad)
-  if not save:
-    return out, buf, None, moments
-  if layer.bits:
-    offset = params['bias'] / cs if layer.has_bias else tf.zeros_like(cs)
-    saved['act'] = quant.save_act(h / cs, offset, layer.bits)
-    saved['offset'] = offset
-  else:
-    saved['act'] = u
-  return out, buf, saved, moments
+  return out, buf, (saved if save else None), moments
+
+
+def _bias(layer, params, cs):
+  """The layer's bias, zeros without one."""
+  return params['bias'] if layer.has_bias else tf.zeros_like(cs)
 
 
 # ----------------------------------------------------------------------------
@@ -348,24 +352,36 @@ def forward(layer, params, x, buf, bn_stats=None, save=True):
 
 
 def _restore(layer, params, saved):
-  """Rebuilds ``(y, h, mask)`` from what ``forward`` saved.
+  """The (approximate) post-ReLU value ``r`` rebuilt from ``saved``.
 
-  ``y`` is the (approximate) normalized value used by the BN backward, ``h``
-  the (approximate) pre-activation and ``mask`` the ReLU mask (None without
-  ReLU).  From K-bit codes ``ã``: ``y = ã − c``, ``h = ã·cs`` and the mask is
-  exact, since zero lies on a bin edge.  From a full copy ``u``:
-  ``h = u·cs + b``, recomputed exactly as in the forward pass.
+  From K-bit codes ``ã`` (BN layers): ``relu(ã·cs)``, the mask exact since
+  zero lies on a bin edge. From a full copy: recomputed exactly as in the
+  forward pass.
   """
-  cs = clamped_scale(params['scale']) if layer.has_scale else None
-  if layer.bits:
-    approx, mask = quant.restore_act(saved['act'], saved['offset'],
-                                     layer.bits)
-    return approx - saved['offset'], approx * cs, mask
-  u = saved['act']
-  h = u * cs if layer.has_scale else u
+  if layer.has_scale:
+    cs = clamped_scale(params['scale'])
+    center = _center(layer, params, saved, cs)
+    return fused.bn_relu_restore(saved['act'], cs, center, layer.bits,
+                                 layer.nl.relu)
+  h = saved['act'] + params['bias'] if layer.has_bias else saved['act']
+  return nonlinearity(layer, h)[0]
+
+
+def _center(layer, params, saved, cs):
+  """What the fused ops need besides the copy: the offset or the bias."""
+  return saved['offset'] if layer.bits else _bias(layer, params, cs)
+
+
+def _bn_relu_grad(layer, params, saved, g, grads):
+  """ReLU mask and BN backward (bias and scale gradients into ``grads``)."""
+  cs = clamped_scale(params['scale'])
+  g, dbias, dscale = fused.bn_relu_grad(
+      g, saved['act'], cs, _center(layer, params, saved, cs), saved['sigma'],
+      layer.bits, layer.nl.relu)
   if layer.has_bias:
-    h = h + params['bias']
-  return u, h, (h > 0) if layer.nl.relu else None
+    grads['bias'] = dbias
+  grads['scale'] = dscale
+  return g
 
 
 def backward(layer, params, saved, grad, rgrad, weight_decay):
@@ -385,8 +401,8 @@ def backward(layer, params, saved, grad, rgrad, weight_decay):
     the layer's input (None for the first layer) and w.r.t. the residual
     buffer before the layer.
   """
-  y, h, mask = _restore(layer, params, saved)
-  r, p = nonlinearity(layer, h)
+  r = _restore(layer, params, saved)
+  p = tf.nn.max_pool2d(r, 3, 2, 'SAME') if layer.nl.maxpool else r
   act = conv_input(layer, p)
   kernel = params['kernel']
   grads = {'kernel': tf.raw_ops.Conv2DBackpropFilter(
@@ -407,16 +423,13 @@ def backward(layer, params, saved, grad, rgrad, weight_decay):
     g = tf.raw_ops.MaxPoolGrad(orig_input=r, orig_output=p, grad=g,
                                ksize=[1, 3, 3, 1], strides=[1, 2, 2, 1],
                                padding='SAME')
-  if mask is not None:
-    g = tf.where(mask, g, 0.0)
-  if layer.has_bias:
-    grads['bias'] = tf.reduce_sum(g, axis=[0, 1, 2])
   if layer.has_scale:
-    grads['scale'] = tf.reduce_sum(g * y, axis=[0, 1, 2])
-    g = g * clamped_scale(params['scale'])
-    g = g - tf.reduce_mean(g, axis=[0, 1, 2])
-    g = g - y * tf.reduce_mean(g * y, axis=[0, 1, 2])
-    g = g / saved['sigma']
+    g = _bn_relu_grad(layer, params, saved, g, grads)
+  else:
+    if layer.nl.relu:
+      g = tf.where(r > 0, g, 0.0)
+    if layer.has_bias:
+      grads['bias'] = tf.reduce_sum(g, axis=[0, 1, 2])
   if layer.nl.res_out == 1:
     g = g + rgrad
   if layer.nl.res_in:
