@@ -1,0 +1,155 @@
+"""Compact copies of activations kept for the backward pass.
+
+A codec is made in the forward pass from a tensor and gives back, in the
+backward pass, the tensor itself (:class:`Exact`, ``bits=0``) or an
+approximation of it (:class:`MinMax`: ``bits`` per value, per-channel
+minimum and maximum). Boolean masks (ReLU, Dropout) are packed eight to a
+byte (:func:`pack_mask`). The K-bit codes are those of :mod:`blpa.quant`
+(native ops when built, else its pure-TF fallback).
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from blpa import quant
+
+_BIT_WEIGHTS = tf.constant([1, 2, 4, 8, 16, 32, 64, 128], tf.uint8)
+
+
+def as_4d(x):
+  """``x`` reshaped to ``[N, H, W, C]`` for the quantization ops.
+
+  Rank 2 ``[N, C]`` becomes ``[N, 1, 1, C]``; rank 3 ``[N, T, C]`` becomes
+  ``[N, 1, T, C]``; rank 5 and more merge the middle dimensions.
+  """
+  rank = x.shape.rank
+  if rank == 4:
+    return x
+  shape = tf.shape(x)
+  middle = tf.reduce_prod(shape[1:-1]) if rank > 2 else 1
+  return tf.reshape(x, tf.stack([shape[0], 1, middle, shape[-1]]))
+
+
+def quantizable(x):
+  """Whether :class:`MinMax` can copy a tensor (float, rank >= 2, known C)."""
+  shape = tf.TensorShape(x.shape)
+  return (tf.as_dtype(x.dtype).is_floating and shape.rank is not None and
+          shape.rank >= 2 and shape[-1] is not None and shape[-1] > 0)
+
+
+class Exact:
+  """Keeps the tensor itself (one full-precision reference)."""
+
+  bits = 0
+
+  def __init__(self, x):
+    self.x = x
+
+  def restore(self):
+    return self.x
+
+  def tensors(self):
+    """The tensors made for the copy (none: it is the tensor itself)."""
+    return []
+
+
+class MinMax:
+  """``bits``-bit codes with per-channel minimum and maximum.
+
+  Per channel, values are mapped affinely onto ``[-3, 3]`` (the quantizer's
+  range at offset 0) and stored as :func:`blpa.quant.save_act` codes; the
+  restore returns bin centres, at most half a bin (``range / 2**bits / 2``)
+  from the original value.
+
+  Args:
+    x: float tensor of rank >= 2 with a known last dimension.
+    bits: 4 or 8.
+  """
+
+  def __init__(self, x, bits):
+    self.bits = bits
+    self.shape = tf.shape(x)
+    self.static_shape = x.shape
+    self.dtype = x.dtype
+    x4 = tf.cast(as_4d(x), tf.float32)
+    lo = tf.reduce_min(x4, axis=[0, 1, 2])
+    hi = tf.reduce_max(x4, axis=[0, 1, 2])
+    self.mid = (lo + hi) / 2
+    self.half = tf.maximum((hi - lo) / 2, np.float32(1e-30))
+    self.zero = tf.zeros_like(lo)
+    self.codes = quant.save_act((x4 - self.mid) * (3.0 / self.half), self.zero,
+                                bits)
+
+  def tensors(self):
+    """The tensors made for the copy."""
+    return [self.codes]
+
+  def restore(self):
+    approx, _ = quant.restore_act(self.codes, self.zero, self.bits)
+    x = tf.reshape(approx * (self.half / 3.0) + self.mid, self.shape)
+    x = tf.cast(x, self.dtype)
+    x.set_shape(self.static_shape)
+    return x
+
+
+def make(x, bits):
+  """A codec of ``x``: :class:`Exact` at ``bits=0`` (or when ``x`` cannot be
+  quantized), else :class:`MinMax`."""
+  if bits and quantizable(x):
+    return MinMax(x, bits)
+  return Exact(x)
+
+
+def after(outputs, tensors):
+  """``outputs`` made to wait for ``tensors`` (the copies a layer keeps), so
+  that the next layer starts only once the full-size values the copies were
+  made from can be freed."""
+  tensors = [t for t in tensors if t is not None]
+  if not tensors:
+    return outputs
+  with tf.control_dependencies(tensors):
+    return tf.nest.map_structure(tf.identity, outputs)
+
+
+def pack_mask(mask):
+  """Packs a boolean tensor eight values to a byte.
+
+  Returns:
+    ``(packed, shape)``: uint8 ``[ceil(size/8)]`` and the int32 shape.
+  """
+  shape = tf.shape(mask)
+  flat = tf.cast(tf.reshape(mask, [-1]), tf.uint8)
+  flat = tf.pad(flat, [[0, (-tf.size(flat)) % 8]])
+  # Distinct powers of two: the sum is the bitwise or, and fits a byte.
+  return tf.reduce_sum(tf.reshape(flat, [-1, 8]) * _BIT_WEIGHTS, axis=1), shape
+
+
+def unpack_mask(packed, shape):
+  """Inverse of :func:`pack_mask`: the boolean tensor of that shape."""
+  bits = tf.bitwise.bitwise_and(packed[:, None], _BIT_WEIGHTS) > 0
+  flat = tf.reshape(bits, [-1])[:tf.reduce_prod(shape)]
+  return tf.reshape(flat, shape)
+
+
+# ---------------------------------------------------------------------------
+# Bytes kept, per example, from static shapes (for the report).
+
+
+def _per_example(shape):
+  return math.prod(int(d) for d in shape[1:])
+
+
+def copy_bytes(shape, bits, itemsize=4):
+  """Bytes per example of a codec of a tensor of that (batched) shape."""
+  if not bits or len(shape) < 2:
+    return _per_example(shape) * itemsize
+  channels = int(shape[-1])
+  pixels = _per_example(shape) // max(channels, 1)
+  return pixels * quant.packed_channels(channels, bits)
+
+
+def mask_bytes(shape):
+  """Bytes per example of a packed mask (rounded up to whole bytes)."""
+  return -(-_per_example(shape) // 8)

@@ -1,0 +1,379 @@
+"""The wrappers that run one node (or a BN+ReLU pair) with its own backward.
+
+Each wrapper runs the layer's own forward pass (the same ops as Keras, so
+outputs and BN moving statistics are those of the original model) with the
+outer tape paused, keeps only compact copies, and returns a backward
+function. Every backward function first waits for its incoming gradient
+(a control dependency) before it restores anything, so that inside
+``tf.function`` the restores run one layer at a time, last to first.
+"""
+
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from blpa import quant
+
+try:  # one-pass BN+ReLU kernels, when the package has them
+  from blpa import fused
+except ImportError:  # pragma: no cover
+  fused = None
+from blpa.keras import backward, codecs
+from blpa.keras.gradient import custom_op, trainable_of
+
+_SCALE_MIN = np.float32(1e-8)
+
+
+def _after(grads, fn):
+  """Runs ``fn()`` once every tensor of ``grads`` is computed."""
+  deps = [g for g in grads if g is not None]
+  with tf.control_dependencies(deps):
+    return fn()
+
+
+# ---------------------------------------------------------------------------
+# BatchNormalization (+ ReLU / ReLU6): the BLPA case.
+
+
+def bn_forward(layer, z, batch_stats):
+  """The forward pass of ``keras.layers.BatchNormalization.call``.
+
+  The same ops in the same order (no mask, no renorm), so outputs and
+  moving statistics are bit-identical to the layer's.
+
+  Returns:
+    ``(out, mean, variance, gamma, beta)``; gamma/beta None when absent.
+  """
+  moving_mean = ops.cast(layer.moving_mean, z.dtype)
+  moving_variance = ops.cast(layer.moving_variance, z.dtype)
+  gamma = ops.cast(layer.gamma, z.dtype) if layer.scale else None
+  beta = ops.cast(layer.beta, z.dtype) if layer.center else None
+  if batch_stats:
+    mean, variance = layer._moments(z, None)  # pylint: disable=protected-access
+    layer.moving_mean.assign(moving_mean * layer.momentum +
+                             mean * (1.0 - layer.momentum))
+    layer.moving_variance.assign(moving_variance * layer.momentum +
+                                 variance * (1.0 - layer.momentum))
+  else:
+    mean, variance = moving_mean, moving_variance
+  out = ops.batch_normalization(x=z, mean=mean, variance=variance,
+                                axis=layer.axis, offset=beta, scale=gamma,
+                                epsilon=layer.epsilon)
+  return ops.cast(out, layer.compute_dtype), mean, variance, gamma, beta
+
+
+class BatchNormCopy:
+  """What a BN (+ ReLU) keeps: K-bit codes of its output, or its input.
+
+  At ``bits`` 4 or 8, the codes of ``a = h / cs`` with offset ``c = beta /
+  cs`` and ``cs = max(|gamma|, 1e-8)`` (DESIGN.md, "What each layer
+  saves"): the ReLU mask ``h > 0`` is exact; ReLU6 adds a packed mask of
+  ``h < 6``. At ``bits=0``, the exact input ``z`` (one copy) and the
+  statistics, from which the output is recomputed with the same op.
+  The object is also the codec of the activation's output for the layers
+  that take it (:meth:`restore`).
+  """
+
+  def __init__(self, layer, act, bits, z, h, mean, variance, gamma, beta,
+               batch_stats):
+    self.act, self.bits, self.batch_stats = act, bits, batch_stats
+    self.epsilon = layer.epsilon
+    self.shape = tf.shape(z)
+    self.static_shape = z.shape
+    channels = z.shape[-1]
+    self.gamma = gamma if gamma is not None else tf.ones([channels])
+    self.beta = beta if beta is not None else tf.zeros([channels])
+    self.mean, self.variance = mean, variance
+    self.inv_sigma = tf.math.rsqrt(variance + self.epsilon)
+    if bits:
+      self.cs = tf.maximum(tf.abs(self.gamma), _SCALE_MIN)
+      self.sign = tf.where(self.gamma < 0, -1.0, 1.0)
+      self.offset = self.beta / self.cs
+      self.codes = quant.save_act(codecs.as_4d(h) / self.cs, self.offset, bits)
+      self.upper = codecs.pack_mask(h < 6.0) if act == 'relu6' else None
+      # blpa.fused's one-pass kernels fit 4-D BN (+ ReLU) on batch stats.
+      self.fused = fused is not None and z.shape.rank == 4 and batch_stats
+    else:
+      self.fused = False
+      self.z = z
+
+  def normalized(self):
+    """``(y_norm, h, masks)``: normalized input, BN output, ReLU masks."""
+    if self.bits:
+      approx, lower = quant.restore_act(self.codes, self.offset, self.bits)
+      approx = tf.reshape(approx, self.shape)
+      y_norm = self.sign * (approx - self.offset)
+      h = approx * self.cs
+      masks = [tf.reshape(lower, self.shape)] if self.act else []
+      if self.upper is not None:
+        masks.append(codecs.unpack_mask(*self.upper))
+    else:
+      y_norm = (self.z - self.mean) * self.inv_sigma
+      h = ops.batch_normalization(x=self.z, mean=self.mean,
+                                  variance=self.variance, axis=-1,
+                                  offset=self.beta, scale=self.gamma,
+                                  epsilon=self.epsilon)
+      masks = [h > 0] if self.act else []
+      if self.act == 'relu6':
+        masks.append(h < 6.0)
+    for t in (y_norm, h, *masks):
+      t.set_shape(self.static_shape)
+    return y_norm, h, masks
+
+  def tensors(self):
+    """The tensors made for the copy."""
+    if not self.bits:
+      return []
+    return [self.codes] + ([self.upper[0]] if self.upper is not None else [])
+
+  def grad(self, dout):
+    """``(dz, dgamma, dbeta)`` from the gradient of the output."""
+    if self.fused:
+      if self.upper is not None:  # ReLU6: the upper mask, then as ReLU
+        dout = tf.where(codecs.unpack_mask(*self.upper), dout, 0.0)
+      dz, dbeta, dscale = fused.bn_relu_grad(
+          dout, self.codes, self.cs, self.offset, 1.0 / self.inv_sigma,
+          self.bits, relu=bool(self.act))
+      return self.sign * dz, self.sign * dscale, dbeta
+    y_norm, _, masks = self.normalized()
+    for mask in masks:
+      dout = tf.where(mask, dout, 0.0)
+    return backward.batch_norm(dout, y_norm, self.gamma, self.inv_sigma,
+                               self.batch_stats)
+
+  def restore(self):
+    """The (approximate) output of the activation (or of the BN)."""
+    if self.fused:
+      out = fused.bn_relu_restore(self.codes, self.cs, self.offset,
+                                  self.bits, relu=bool(self.act))
+      return tf.minimum(out, 6.0) if self.act == 'relu6' else out
+    _, h, masks = self.normalized()
+    if not self.act:
+      return h
+    out = tf.where(masks[0], h, 0.0)
+    return tf.minimum(out, 6.0) if self.act == 'relu6' else out
+
+
+def run_bn_act(layer, act_layer, act, z, bits, batch_stats):
+  """BatchNormalization, then optionally its ReLU, as one custom gradient.
+
+  Returns:
+    ``(out, copy)``: the activation's output and its :class:`BatchNormCopy`.
+  """
+  kept = {}
+  weights = trainable_of([layer.gamma if layer.scale else None,
+                          layer.beta if layer.center else None])
+
+  def forward(xs):
+    h, mean, variance, gamma, beta = bn_forward(layer, xs[0], batch_stats)
+    out = act_layer(h) if act_layer is not None else h
+    kept['copy'] = copy = BatchNormCopy(layer, act, bits, xs[0], h, mean,
+                                        variance, gamma, beta, batch_stats)
+    out = codecs.after(out, copy.tensors())
+
+    def grad(douts):
+      dz, dgamma, dbeta = _after(douts, lambda: copy.grad(douts[0]))
+      by_var = {id(layer.gamma if layer.scale else None): dgamma,
+                id(layer.beta if layer.center else None): dbeta}
+      return [dz], [by_var[id(v)] for v in weights]
+
+    return out, grad
+
+  out = custom_op(forward, [z], weights)
+  return out, kept['copy']
+
+
+# ---------------------------------------------------------------------------
+# Layers with weights whose gradients need their input.
+
+
+def run_linear(kind, layer, x, codec):
+  """Conv2D, DepthwiseConv2D or Dense with an analytic backward.
+
+  Args:
+    kind: ``'conv2d'``, ``'depthwise'`` or ``'dense'``.
+    layer: the Keras layer.
+    x: its input.
+    codec: the compact copy of ``x`` (None if the kernel is frozen).
+  """
+  has_bias = getattr(layer, 'use_bias', False) and layer.bias is not None
+  weights = trainable_of([layer.kernel, layer.bias if has_bias else None])
+
+  def forward(xs):
+    out = codecs.after(layer(xs[0]),
+                       codec.tensors() if codec is not None else [])
+    kernel = tf.convert_to_tensor(layer.kernel)
+    x_shape = tf.shape(xs[0])
+
+    def grad(douts):
+      dout = douts[0]
+      x_kept = _after(douts, codec.restore) if codec is not None else None
+      if kind == 'dense':
+        dx, dk = backward.dense(x_shape, x_kept, kernel, dout)
+      else:
+        fn = backward.conv2d if kind == 'conv2d' else backward.depthwise_conv2d
+        dx, dk = fn(layer, x_shape, x_kept, kernel, dout)
+      by_var = {id(layer.kernel): dk}
+      if has_bias:
+        by_var[id(layer.bias)] = backward.bias(dout)
+      return [dx], [by_var[id(v)] for v in weights]
+
+    return out, grad
+
+  return custom_op(forward, [x], weights)
+
+
+# ---------------------------------------------------------------------------
+# Layers without weights.
+
+
+def run_masked(layer, x, keep_fn, scale=1.0, **kwargs):
+  """A layer whose gradient is ``dout * scale`` where ``keep_fn(out)``.
+
+  Used for ReLU / ReLU6 (mask of ``0 < out < 6``) and Dropout (mask of
+  ``out != 0``); the mask is kept packed, 1 bit per value.
+  """
+
+  def forward(xs):
+    out = layer(xs[0], **kwargs)
+    packed = codecs.pack_mask(keep_fn(out))
+    out = codecs.after(out, packed[:1])
+
+    def grad(douts):
+      mask = _after(douts, lambda: codecs.unpack_mask(*packed))
+      return [tf.where(mask, douts[0] * scale, 0.0)], []
+
+    return out, grad
+
+  return custom_op(forward, [x])
+
+
+def run_max_pool_mask(layer, x):
+  """MaxPooling2D with non-overlapping VALID windows: keeps a 1-bit mask of
+  the positions equal to their window's maximum (ties, which have measure
+  zero except at a ReLU's zeros, all get the gradient)."""
+  ph, pw = layer.pool_size
+
+  def forward(xs):
+    out = layer(xs[0])
+    x_shape = tf.shape(xs[0])
+    up = backward.repeat2d(out, ph, pw)
+    size = tf.shape(up)
+    packed = codecs.pack_mask(xs[0][:, :size[1], :size[2]] == up)
+    out = codecs.after(out, packed[:1])
+
+    def grad(douts):
+      mask = _after(douts, lambda: codecs.unpack_mask(*packed))
+      g = tf.where(mask, backward.repeat2d(douts[0], ph, pw), 0.0)
+      pad = x_shape[1:3] - size[1:3]
+      return [tf.pad(g, [[0, 0], [0, pad[0]], [0, pad[1]], [0, 0]])], []
+
+    return out, grad
+
+  return custom_op(forward, [x])
+
+
+def relu_keep(act):
+  """The mask function of a ReLU (``act='relu'``) or ReLU6 output."""
+  if act == 'relu6':
+    return lambda out: (out > 0) & (out < 6.0)
+  return lambda out: out > 0
+
+
+def run_shape_op(kind, layer, xs, codec=None):
+  """Add, Concatenate, padding, cropping, reshapes and pooling.
+
+  Only shapes are kept (MaxPooling2D also keeps ``codec``, the compact copy
+  of its input).
+
+  Args:
+    kind: the step kind (see :mod:`blpa.keras.plan`).
+    layer: the Keras layer.
+    xs: list of input tensors.
+    codec: for ``'maxpool'``: the copy of the input.
+
+  Returns:
+    The layer's output.
+  """
+  multi = kind in ('add', 'concat')
+
+  def forward(xs):
+    out = layer(list(xs) if multi else xs[0])
+    if codec is not None:
+      out = codecs.after(out, codec.tensors())
+    shapes = [tf.shape(x) for x in xs]
+    sizes = [x.shape[layer.axis] for x in xs] if kind == 'concat' else None
+
+    def grad(douts):
+      return _shape_grad(kind, layer, shapes, sizes, codec, douts), []
+
+    return out, grad
+
+  return custom_op(forward, xs)
+
+
+def _shape_grad(kind, layer, shapes, sizes, codec, douts):
+  """Input gradients (a list) of a shape-only layer."""
+  dout = douts[0]
+  if kind == 'add':
+    return [dout] * len(shapes)
+  if kind == 'concat':
+    return backward.concatenate(layer.axis, sizes, dout)
+  return [_single_shape_grad(kind, layer, shapes, codec, douts)]
+
+
+def _single_shape_grad(kind, layer, shapes, codec, douts):
+  dout = douts[0]
+  if kind == 'zeropad':
+    return backward.zero_padding2d(layer, shapes[0], dout)
+  if kind == 'crop':
+    return backward.cropping2d(layer, dout)
+  if kind == 'reshape':
+    return tf.reshape(dout, shapes[0])
+  if kind == 'gap':
+    return backward.global_avg_pool2d(layer, shapes[0], dout)
+  if kind == 'avgpool':
+    return backward.avg_pool2d(layer, shapes[0], dout)
+  if kind == 'maxpool':
+    return backward.max_pool2d(layer, _after(douts, codec.restore), dout)
+  raise ValueError(f'unknown shape-op kind {kind!r}')
+
+
+# ---------------------------------------------------------------------------
+# Any other layer: recompute from compact copies of its inputs.
+
+
+def run_generic(call, xs, kept, trainable):
+  """A node recomputed, in backward, from compact copies of its inputs.
+
+  Args:
+    call: ``call(list_of_input_tensors) -> outputs`` running the node.
+    xs: the node's float input tensors.
+    kept: their codecs (same order).
+    trainable: the Keras variables the node trains.
+
+  Returns:
+    The node's outputs (same structure as ``call``'s).
+  """
+  weights = trainable_of(trainable)
+
+  def forward(xs):
+    outs = codecs.after(call(xs), [t for c in kept for t in c.tensors()])
+    specs = [(tf.shape(x), x.dtype) for x in xs]
+
+    def grad(douts):
+      restored = _after(douts, lambda: [c.restore() for c in kept])
+      values = [v.value for v in weights]
+      with tf.GradientTape() as tape:
+        tape.watch(restored)
+        again = tf.nest.flatten(call(restored))
+      douts = [tf.zeros_like(a) if d is None else d
+               for a, d in zip(again, douts)]
+      grads = tape.gradient(again, restored + values, output_gradients=douts)
+      dxs = [tf.zeros(shape, dtype) if g is None else g
+             for (shape, dtype), g in zip(specs, grads[:len(kept)])]
+      return dxs, grads[len(kept):]
+
+    return outs, grad
+
+  return custom_op(forward, xs, weights)
