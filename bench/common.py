@@ -13,13 +13,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: The compared configurations: (key, label, blpa.memory method, qtype).
 METHODS = (
-    ('autodiff', 'autodiff (GradientTape)', 'autodiff', 0),
-    ('recompute', 'autodiff + recompute_grad', 'recompute', 0),
+    ('keras', 'tf.keras model (GradientTape, SGD momentum)', 'keras', 0),
+    ('keras_recompute', 'tf.keras + recompute_grad', 'keras_recompute', 0),
+    ('autodiff', 'autodiff twin (GradientTape)', 'autodiff', 0),
+    ('recompute', 'autodiff twin + recompute_grad', 'recompute', 0),
     ('blpa_q0', 'blpa qtype 0', 'blpa', 0),
     ('blpa_q8', 'blpa qtype 8', 'blpa', 8),
     ('blpa_q4', 'blpa qtype 4', 'blpa', 4),
 )
 LABELS = {key: label for key, label, _, _ in METHODS}
+#: The method every time and memory ratio is taken against.
+BASELINE = 'keras'
 MIB = 2**20
 GIB = 2**30
 
@@ -27,6 +31,15 @@ GIB = 2**30
 def depth(rblocks):
   """Layers of the CIFAR ResNet with ``rblocks`` blocks per stage."""
   return 9 * rblocks + 2
+
+
+def onednn():
+  """The run's ``TF_ENABLE_ONEDNN_OPTS``: the caller's, else ``'1'``.
+
+  oneDNN is on by default in TensorFlow on x86 (what users run); every
+  measurement subprocess of one run gets the same setting.
+  """
+  return os.environ.get('TF_ENABLE_ONEDNN_OPTS', '1')
 
 
 def env(bfc=False, py_ops=False):
@@ -37,6 +50,7 @@ def env(bfc=False, py_ops=False):
     py_ops: force blpa's pure-TF quantization fallback.
   """
   out = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+             TF_ENABLE_ONEDNN_OPTS=onednn(),
              PYTHONPATH=os.pathsep.join(
                  p for p in (ROOT, os.environ.get('PYTHONPATH')) if p))
   if bfc:

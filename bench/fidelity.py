@@ -7,6 +7,12 @@ On one batch, every weight's gradient is computed
 * by "naive" K-bit backprop (:mod:`blpa.autodiff` with ``naive_bits``:
   each BN+ReLU output is replaced by its K-bit approximation in the forward
   pass, straight-through gradient), the paper's baseline,
+* by a second naive baseline, fixed-point activations in the forward pass
+  (:func:`blpa.fixedpoint.round_fixed`, ADaPTION's arithmetic): at the same
+  layers, the pre-ReLU value is rounded to a K-bit Q(bd.ad) word
+  (deterministic or stochastic rounding), then ReLU, straight-through
+  gradient; ``bd`` per layer by the conversion tool's rule (at most 1% of
+  the exact network's pre-ReLU values on this batch above ``2^(bd-1)``),
 
 and compared with the exact one (cosine similarity, relative error), at
 initialization and after training the exact network for a while.  Weight
@@ -26,10 +32,23 @@ import numpy as np
 import tensorflow as tf
 
 from bench import common
-from blpa import autodiff, models, quant
+from blpa import autodiff, fixedpoint, models, quant
+from blpa.fixedpoint import conversion
+
+#: Fixed-point forward baselines: name -> (word bits, rounding).
+FIXED_VARIANTS = {
+    'fixed_q8_det': (8, 'deterministic'),
+    'fixed_q8_sto': (8, 'stochastic'),
+    'fixed_q4_det': (4, 'deterministic'),
+    'fixed_q4_sto': (4, 'stochastic'),
+}
 
 #: Gradient variants compared with the exact one.
-VARIANTS = ('blpa_q8', 'blpa_q4', 'naive_q8', 'naive_q4', 'autodiff_exact')
+VARIANTS = ('blpa_q8', 'blpa_q4', 'naive_q8', 'naive_q4',
+            *FIXED_VARIANTS, 'autodiff_exact')
+
+#: Seed of the stochastic fixed-point rounding (plus the layer index).
+FIXED_SEED = 1234
 
 
 def _synthetic(size, seed):
@@ -143,6 +162,48 @@ def all_gradients(nets, x, y):
     out[f'blpa_q{qtype}'] = nets[qtype].gradients(x, y)
     out[f'naive_q{qtype}'] = tape(qtype)
   out['autodiff_exact'] = tape(0)
+  out.update(fixed_point_gradients(exact_net, weights, xt, yt))
+  return out
+
+
+def fixed_point_formats(net, weights, xt, bits_list):
+  """``{bits: {layer index: (bd, ad)}}`` from the exact pre-ReLU values."""
+  pre_values = {}
+
+  def record(layer, params, pre, out):
+    del params
+    pre_values[layer.index] = pre.numpy()
+    return out  # exact forward
+
+  autodiff.logits(net.layers, [w.read_value() for w in weights], xt,
+                  naive_fn=record)
+  return {bits: {i: conversion.activation_format(v, bits)
+                 for i, v in pre_values.items()} for bits in bits_list}
+
+
+def fixed_point_gradients(net, weights, xt, yt):
+  """Gradients of the fixed-point forward baselines (FIXED_VARIANTS).
+
+  Returns:
+    ``{variant: gradient list}``, plus ``'fixed_formats'``:
+    ``{variant: {layer index: [bd, ad]}}``.
+  """
+  formats = fixed_point_formats(
+      net, weights, xt, sorted({b for b, _ in FIXED_VARIANTS.values()}))
+  out = {'fixed_formats': {}}
+  for name, (bits, rounding) in FIXED_VARIANTS.items():
+    layer_formats = formats[bits]
+
+    def fixed(layer, params, pre, out_, fmt=layer_formats, rounding=rounding):
+      del params, out_
+      return tf.nn.relu(fixedpoint.round_fixed(
+          pre, *fmt[layer.index], rounding, seed=FIXED_SEED + layer.index))
+
+    fn = tf.function(lambda w, fixed=fixed: autodiff.gradients(
+        net.layers, w, xt, yt, 0.0, naive_fn=fixed))
+    out[name] = [g.numpy() for g in fn([w.read_value() for w in weights])]
+    out['fixed_formats'][name] = {
+        str(i): list(f) for i, f in layer_formats.items()}
   return out
 
 
@@ -184,7 +245,8 @@ def compare(grads, net):
   layer_of, layers, _ = _layer_groups(net)
   result = {'weight_names': net.weight_names, 'layer_of_weight': layer_of,
             'exact_norm': [float(np.linalg.norm(g)) for g in exact],
-            'layers': layers, 'activations': grads['activations']}
+            'layers': layers, 'activations': grads['activations'],
+            'fixed_formats': grads['fixed_formats']}
   for name in VARIANTS:
     result[name] = {
         'cosine': [common.cosine(g, e) for g, e in zip(grads[name], exact)],

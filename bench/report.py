@@ -11,6 +11,18 @@ VARIANT_LABELS = {
     'blpa_q4': 'blpa qtype 4',
     'naive_q8': 'naive 8-bit',
     'naive_q4': 'naive 4-bit',
+    'fixed_q8_det': 'fixed-point 8-bit (det.)',
+    'fixed_q8_sto': 'fixed-point 8-bit (stoch.)',
+    'fixed_q4_det': 'fixed-point 4-bit (det.)',
+    'fixed_q4_sto': 'fixed-point 4-bit (stoch.)',
+}
+
+
+#: Method labels short enough for a bar chart's axis.
+SHORT_LABELS = {
+    'keras': 'keras', 'keras_recompute': 'keras\n+recompute',
+    'autodiff': 'twin', 'recompute': 'twin\n+recompute',
+    'blpa_q0': 'blpa q0', 'blpa_q8': 'blpa q8', 'blpa_q4': 'blpa q4',
 }
 
 
@@ -67,26 +79,29 @@ def targets(results):
     out.append({'name': name, 'target': target, 'measured': measured,
                 'met': met, 'where': where, 'note': note})
 
-  q4, ad = (_peak(results, 'blpa_q4', rblocks, batch),
-            _peak(results, 'autodiff', rblocks, batch))
-  if q4 and ad:
-    add('peak memory', 'qtype 4 <= 1/6 of autodiff',
-        f'1/{ad / q4:.1f} ({_mib(q4):.0f} vs {_mib(ad):.0f} MiB)',
-        q4 * 6 <= ad)
+  base = common.BASELINE
+  q4, kp = (_peak(results, 'blpa_q4', rblocks, batch),
+            _peak(results, base, rblocks, batch))
+  if q4 and kp:
+    add('peak memory', f'qtype 4 <= 1/10 of {base}',
+        f'1/{kp / q4:.1f} ({_mib(q4):.0f} vs {_mib(kp):.0f} MiB)',
+        q4 * 10 <= kp)
   mb = (results.get('max_batch') or {}).get('methods', {})
   best = {k: (v.get('best') or {}).get('batch') for k, v in mb.items()}
-  if best.get('blpa_q4') and best.get('autodiff'):
+  if best.get('blpa_q4') and best.get(base):
     cap = results['max_batch']['cap_bytes']
-    ratio = best['blpa_q4'] / best['autodiff']
-    add('largest batch', f'qtype 4 >= 6x autodiff under {_mib(cap):.0f} MiB',
-        f'{ratio:.1f}x ({best["blpa_q4"]} vs {best["autodiff"]})',
-        ratio >= 6)
+    ratio = best['blpa_q4'] / best[base]
+    add('largest batch', f'qtype 4 >= 6x {base} under {_mib(cap):.0f} MiB',
+        f'{ratio:.1f}x ({best["blpa_q4"]} vs {best[base]})', ratio >= 6)
   timing = (results.get('timing') or {}).get('summary')
-  if timing:
-    r4 = timing['blpa_q4']['time_ratio']
-    rr = timing.get('recompute', {}).get('time_ratio', float('nan'))
-    add('step time', 'qtype 4 <= 1.10x autodiff',
-        f'{r4:.2f}x (recompute_grad {rr:.2f}x)', r4 <= 1.10)
+  if timing and base in timing:
+    rr = timing.get('keras_recompute', {}).get('time_ratio', float('nan'))
+    for key, limit in (('blpa_q4', 1.05), ('blpa_q0', 1.0)):
+      if key in timing:
+        r = timing[key]['time_ratio']
+        add(f'step time {common.LABELS[key]}',
+            f'{common.LABELS[key]} <= {limit:.2f}x {base}',
+            f'{r:.2f}x (keras + recompute_grad {rr:.2f}x)', r <= limit)
   for data, fid in _fidelity_runs(results):
     init = fid['states']['init']
     cos4 = np.array(init['blpa_q4']['layer_cosine'])
@@ -128,11 +143,12 @@ def _fmt(v, spec, missing='—'):
 
 def _headline_table(results):
   rblocks, batch = _headline(results)
+  base = common.BASELINE
   timing = (results.get('timing') or {}).get('summary') or {}
   mb = (results.get('max_batch') or {}).get('methods', {})
   pred = results.get('predicted_saved', {})
-  ad_peak = _peak(results, 'autodiff', rblocks, batch)
-  ad_best = (mb.get('autodiff', {}).get('best') or {}).get('batch')
+  base_peak = _peak(results, base, rblocks, batch)
+  base_best = (mb.get(base, {}).get('best') or {}).get('batch')
   rows = []
   for key, label, _, _ in common.METHODS:
     peak = _peak(results, key, rblocks, batch)
@@ -141,18 +157,53 @@ def _headline_table(results):
     best = (mb.get(key, {}).get('best') or {}).get('batch')
     rows.append([
         label, _fmt(peak and _mib(peak), '.0f'),
-        _fmt(peak and ad_peak and ad_peak / peak, '.1f'),
+        _fmt(peak and base_peak and base_peak / peak, '.1f'),
         _fmt(saved and _mib(saved), '.0f'),
         _fmt(t.get('median_s'), '.3f'), _fmt(t.get('time_ratio'), '.2f'),
         _fmt(t.get('images_per_s'), '.1f'),
         _fmt(t.get('throughput_ratio'), '.2f'),
-        _fmt(best, 'd'), _fmt(best and ad_best and best / ad_best, '.1f')])
+        _fmt(best, 'd'), _fmt(best and base_best and best / base_best, '.1f')])
   cap = (results.get('max_batch') or {}).get('cap_bytes')
   return _table(
-      ['method', 'peak MiB', 'autodiff ÷ peak', 'saved acts MiB (predicted)',
-       's/step', 'time × autodiff', 'images/s', 'images/s × autodiff',
+      ['method', 'peak MiB', f'{base} ÷ peak', 'saved acts MiB (predicted)',
+       's/step', f'time × {base}', 'images/s', f'images/s × {base}',
        f'max batch ≤ {_fmt(cap and _mib(cap), ".0f")} MiB',
-       'max batch × autodiff'], rows)
+       f'max batch × {base}'], rows)
+
+
+BREAKDOWN_LABELS = (
+    ('weights', 'weights'),
+    ('momentum', 'momentum'),
+    ('compact_copies', 'K-bit copies (codes, σ, offsets)'),
+    ('full_copies', 'full-precision copies (stem input, last layer)'),
+    ('input_batch', 'input batch (images, labels)'),
+    ('loss_gradient', 'loss gradient'),
+    ('widest_activation', 'widest layer: restored activation'),
+    ('widest_gradient_in', 'widest layer: gradient w.r.t. its input'),
+    ('widest_gradient_out', 'widest layer: gradient at its conv output'),
+    ('residual_gradient', 'pending residual gradient (widest residual)'),
+    ('unexplained', 'unexplained (other temporaries of that layer)'),
+)
+
+
+def _breakdown_table(results):
+  """What blpa holds at its peak (headline configuration), by kind."""
+  rblocks, batch = _headline(results)
+  runs = {r['method_key']: r for r in results.get('memory', {}).get('runs', [])
+          if (r['rblocks'], r['batch']) == (rblocks, batch)
+          and 'breakdown' in r}
+  keys = [k for k in ('blpa_q4', 'blpa_q8', 'blpa_q0') if k in runs]
+  if not keys:
+    return ''
+  rows = [[label] + [f'{_mib(runs[k]["breakdown"][name]):.1f}' for k in keys]
+          for name, label in BREAKDOWN_LABELS]
+  rows.append(['**measured peak**'] +
+              [f'**{_mib(runs[k]["peak_bytes"]):.1f}**' for k in keys])
+  rows.append(['peak in forward / backward phase'] + [
+      ' / '.join(f'{_mib(runs[k]["phase_peak_bytes"][p]):.0f}'
+                 for p in ('forward', 'backward'))
+      if 'phase_peak_bytes' in runs[k] else '—' for k in keys])
+  return _table(['MiB'] + [common.LABELS[k] for k in keys], rows)
 
 
 def _sweep_table(results, vary):
@@ -172,7 +223,8 @@ def _sweep_table(results, vary):
       match = [r for r in runs if r['method_key'] == key and
                r[fixed[0]] == fixed[1] and r[vary] == v]
       peak = match[0].get('peak_bytes') if match else None
-      row.append(_fmt(peak and _mib(peak), '.0f', 'skipped'))
+      row.append(_fmt(peak and _mib(peak), '.0f',
+                      'skipped' if match else '—'))
     rows.append(row)
   return _table(['peak MiB'] + head, rows)
 
@@ -185,6 +237,8 @@ def _fidelity_table(results):
         continue
       s = fid['states'][state]
       for v, label in VARIANT_LABELS.items():
+        if v not in s:  # results from before the variant existed
+          continue
         cos = np.array(s[v]['layer_cosine'])
         rel = np.array(s[v]['layer_relative_error'])
         rows.append([data, state, label,
@@ -236,6 +290,15 @@ def _quant_table(results):
                  'speedup (best vs best)'], rows)
 
 
+def _dates(results):
+  """When each section was measured, if not all in this run."""
+  dates = results.get('section_dates') or {}
+  if len(set(d[:16] for d in dates.values())) < 2:
+    return ''
+  return ' Sections measured: ' + ', '.join(
+      f'{name} {date.replace("T", " ")}' for name, date in dates.items()) + '.'
+
+
 def markdown(results):
   cfg, m = results['config'], results['machine']
   rblocks, batch = _headline(results)
@@ -244,7 +307,7 @@ def markdown(results):
       f'Machine: {m["cpu"]}, {m["cores"]} cores, {m["ram_gib"]} GiB RAM, '
       f'device {m["device"]}; TensorFlow {m["tensorflow"]}, Python '
       f'{m["python"]}. Run {results["date"]}, '
-      f'{results.get("duration_s", 0) / 60:.0f} min.', '',
+      f'{results.get("duration_s", 0) / 60:.0f} min.' + _dates(results), '',
       f'## ResNet-{common.depth(rblocks)}, batch {batch}, '
       f'{cfg["size"]}x{cfg["size"]}', '',
       'Peak: BFC allocator peak of a training step, each configuration in '
@@ -254,6 +317,25 @@ def markdown(results):
       'warm-up steps, default threading. Max batch: largest batch measured '
       'under the cap (extrapolated from the batch sweep, then verified).', '',
       _headline_table(results), '',
+      f'Ratios against `{common.BASELINE}` '
+      f'({common.LABELS[common.BASELINE]}), measured in the same run. '
+      f'TF_ENABLE_ONEDNN_OPTS={m.get("onednn", "?")} for every method.', '']
+  breakdown = _breakdown_table(results)
+  if breakdown:
+    lines += [
+        '## What blpa holds at its peak', '',
+        'From known tensor sizes (weights, optimizer state, stored copies, '
+        'the input, the widest layer\'s full-precision activation and '
+        'gradients, the residual gradient); "unexplained" is the measured '
+        'peak minus their sum.', '', breakdown, '']
+  if results.get('headline_memory_date'):
+    lines += [
+        f'The ResNet-{common.depth(rblocks)} batch-{batch} peaks were '
+        f'measured on {results["headline_memory_date"].replace("T", " ")} '
+        '(`--headline`); the other rows of the sweeps below are from the run '
+        f'of {results.get("sweep_date", "an earlier run").replace("T", " ")} '
+        '(— : not measured there).', '']
+  lines += [
       f'## Peak memory against depth (batch {cfg["depth_batch"]})', '',
       _sweep_table(results, 'rblocks'), '',
       f'## Peak memory against batch '
@@ -360,8 +442,7 @@ def _memory_chart(results, path, vary):
 def _bar_chart(path, keys, values, ylabel, title, ref=None, fmt='.2f'):
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 3.6))
-  labels = [common.LABELS[k].replace(' (GradientTape)', '')
-            .replace('autodiff + ', '') for k in keys]
+  labels = [SHORT_LABELS.get(k, k) for k in keys]
   bars = ax.bar(labels, values, color=['C%d' % i for i in range(len(keys))])
   for bar, v in zip(bars, values):
     ax.annotate(format(v, fmt), (bar.get_x() + bar.get_width() / 2, v),
@@ -387,6 +468,8 @@ def _fidelity_chart(results, path):
         continue
       s = fid['states'][state]
       for v, label in VARIANT_LABELS.items():
+        if v not in s:
+          continue
         cos = np.array(s[v]['layer_cosine'])
         ax.plot(s['layers'], np.maximum(1 - cos, 1e-6), label=label, lw=1)
       ax.axhline(0.01, color='grey', ls=':', label='cosine 0.99')
@@ -421,7 +504,7 @@ def charts(results, out_dir):
     rblocks, batch = _headline(results)
     _bar_chart(path('time_ratio.png'), keys,
                [summary[k]['time_ratio'] for k in keys],
-               'step time ÷ autodiff',
+               f'step time ÷ {common.BASELINE}',
                f'step time, ResNet-{common.depth(rblocks)}, batch {batch}',
                ref=1.0)
   mb = (results.get('max_batch') or {}).get('methods')

@@ -1,13 +1,17 @@
 """Benchmarks blpa against what users would use instead.
 
-Compares, on the same CIFAR ResNet and batch, plain GradientTape training
-(``autodiff``), the same with ``tf.recompute_grad`` around each residual
-stage (``recompute``) and blpa at qtype 0, 8 and 4:
+Compares, on the same CIFAR ResNet and batch, the same network as a
+``tf.keras`` model trained as a Keras user would (``keras``, the baseline of
+every ratio), the same with ``tf.recompute_grad`` per block
+(``keras_recompute``), blpa's op-by-op GradientTape twin (``autodiff``, the
+gradient reference) with and without ``tf.recompute_grad`` (``recompute``)
+and blpa at qtype 0, 8 and 4:
 
 * peak memory of a training step (each configuration in its own process,
   BFC allocator statistics, one inter-op thread), against depth and batch,
-  and the bytes of saved activations blpa predicts per layer;
-* step time and images/s, as ratios to autodiff measured in the same run;
+  the bytes of saved activations blpa predicts per layer, and what blpa
+  holds at its peak by kind;
+* step time and images/s, as ratios to keras measured in the same run;
 * the largest batch under a memory cap (extrapolate, then verify);
 * gradient fidelity per layer of blpa qtype 8/4 and of naive K-bit
   backprop, against the exact gradient, at init and after training;
@@ -17,6 +21,7 @@ Usage (from the repository root)::
 
     python bench/run.py            # full: ResNet-164, batch 128 (about 1 h)
     python bench/run.py --quick    # small depth and batch (a few minutes)
+    python bench/run.py --headline # only the ResNet-164 batch-128 rows
 
 Writes ``results.json``, ``results.md`` and PNG charts to ``--out``
 (default ``bench/results/``; ``--quick`` defaults to
@@ -133,6 +138,11 @@ class Runner:
     return None
 
 
+def method_keys(cfg):
+  """The methods measured: ``cfg['methods']`` if set, else all of them."""
+  return cfg.get('methods') or [key for key, _, _, _ in common.METHODS]
+
+
 def _method(key):
   return next(m for m in common.METHODS if m[0] == key)
 
@@ -149,13 +159,34 @@ def _total_ram():
 # ----------------------------------------------------------------------------
 
 
-def memory_section(runner, cfg):
-  """Peaks against depth and batch; skips what would not fit in RAM."""
-  configs = sorted({(r, cfg['depth_batch']) for r in cfg['depth_rblocks']} |
-                   {(cfg['batch_rblocks'], b) for b in cfg['batches']})
+def memory_configs(cfg, headline=False):
+  """``(rblocks, batch)`` pairs of the memory section, smallest first.
+
+  Args:
+    cfg: the mode's configuration.
+    headline: only the headline configuration (the timing depth and batch).
+  """
+  if headline:
+    return [(cfg['time_rblocks'], cfg['time_batch'])]
+  return sorted({(r, cfg['depth_batch']) for r in cfg['depth_rblocks']} |
+                {(cfg['batch_rblocks'], b) for b in cfg['batches']})
+
+
+def merge_memory(old, new):
+  """``old``'s memory runs with those of ``new`` measured again replaced."""
+  if not old:
+    return new
+  ident = lambda r: (r['method_key'], r['rblocks'], r['batch'])
+  fresh = {ident(r) for r in new['runs']} | {ident(s) for s in new['skipped']}
+  return {k: [r for r in old[k] if ident(r) not in fresh] + new[k]
+          for k in ('runs', 'skipped')}
+
+
+def memory_section(runner, cfg, configs):
+  """Peaks of every method at ``configs``; skips what would not fit in RAM."""
   runs, skipped = [], []
   for rblocks, batch in configs:
-    for key, _, _, _ in common.METHODS:
+    for key in method_keys(cfg):
       est = runner.estimate(key, rblocks, batch, runs)
       if est is not None and est > runner.ram_limit:
         why = (f'estimated peak {est / common.GIB:.1f} GiB exceeds 80% of '
@@ -167,9 +198,9 @@ def memory_section(runner, cfg):
       log(f'memory {key} ResNet-{common.depth(rblocks)} batch {batch}')
       result = runner.peak(key, rblocks, batch)
       row = {'method_key': key, 'rblocks': rblocks, 'batch': batch}
-      row.update({k: result[k] for k in ('peak_bytes', 'saved_bytes',
-                                         'weight_bytes', 'error', 'wall_s')
-                  if k in result})
+      row.update({k: result[k] for k in (
+          'peak_bytes', 'saved_bytes', 'weight_bytes', 'phase_peak_bytes',
+          'breakdown', 'error', 'wall_s') if k in result})
       if 'error' in result:
         skipped.append({'method_key': key, 'rblocks': rblocks,
                         'batch': batch, 'reason': result['error']})
@@ -198,16 +229,19 @@ def timing_section(runner, cfg):
   """Interleaved step times of every method in one process."""
   log(f'timing ResNet-{common.depth(cfg["time_rblocks"])} batch '
       f'{cfg["time_batch"]}, {cfg["time_steps"]} rounds')
+  keys = method_keys(cfg)
   key = (f'time/r{cfg["time_rblocks"]}/b{cfg["time_batch"]}/'
-         f's{cfg["size"]}/n{cfg["time_steps"]}')
+         f's{cfg["size"]}/n{cfg["time_steps"]}/' + ','.join(keys))
   result = runner.run(key, [
       '-m', 'bench.timing', '--rblocks', str(cfg['time_rblocks']),
       '--batch', str(cfg['time_batch']), '--size', str(cfg['size']),
       '--steps', str(cfg['time_steps']), '--warmup',
-      str(cfg['time_warmup'])], common.env())
+      str(cfg['time_warmup']), '--methods'] + keys, common.env())
   if 'error' in result:
     return result
-  base = float(np.median(result['step_times']['autodiff']))
+  if common.BASELINE not in result['step_times']:
+    return dict(result, error=f'{common.BASELINE} was not timed: no ratios')
+  base = float(np.median(result['step_times'][common.BASELINE]))
   summary = {}
   for k, times in result['step_times'].items():
     med = float(np.median(times))
@@ -274,7 +308,7 @@ def max_batch_one(runner, key, cap, rblocks, points, tries=4):
 def max_batch_section(runner, cfg, memory):
   cap, rblocks = cfg['cap_bytes'], cfg['cap_rblocks']
   out = {'cap_bytes': cap, 'rblocks': rblocks, 'methods': {}}
-  for key, _, _, _ in common.METHODS:
+  for key in method_keys(cfg):
     points = [(r['batch'], r['peak_bytes']) for r in memory['runs']
               if r['method_key'] == key and r['rblocks'] == rblocks
               and 'peak_bytes' in r]
@@ -330,7 +364,7 @@ def machine():
   return {'cpu': cpu, 'cores': os.cpu_count(),
           'ram_gib': round(_total_ram() / common.GIB, 1),
           'gpu': [g.name for g in gpus], 'device': 'GPU:0' if gpus else
-          'CPU:0', 'tensorflow': tf.__version__,
+          'CPU:0', 'onednn': common.onednn(), 'tensorflow': tf.__version__,
           'python': platform.python_version(), 'platform': platform.platform()}
 
 
@@ -375,6 +409,16 @@ def main(argv=None):
   parser.add_argument('--report-only', action='store_true',
                       help='rewrite results.md and the charts from '
                       'OUT/results.json')
+  parser.add_argument('--headline', action='store_true',
+                      help='measure memory only at the headline depth and '
+                      'batch (merged into OUT/results.json); with no --only, '
+                      'run the memory and timing sections')
+  parser.add_argument('--methods', nargs='+',
+                      choices=[key for key, _, _, _ in common.METHODS],
+                      help='measure only these methods (memory, timing and '
+                      'max batch; the headline mode merges their rows)')
+  parser.add_argument('--time-steps', type=int,
+                      help='interleaved timing rounds (default: the mode\'s)')
   args = parser.parse_args(argv)
   mode = 'quick' if args.quick else 'full'
   out_dir = args.out or os.path.join(common.ROOT, 'bench', 'results',
@@ -388,33 +432,57 @@ def main(argv=None):
     write_json(results, json_path)
     report.write(results, out_dir)
     return
-  cfg = CONFIGS[mode]
+  cfg = dict(CONFIGS[mode])
+  if args.time_steps:
+    cfg['time_steps'] = args.time_steps
+  if args.methods:
+    cfg['methods'] = args.methods
   results = {}
-  if args.only and os.path.exists(json_path):
+  if (args.only or args.headline or args.methods) and os.path.exists(
+      json_path):
     with open(json_path) as f:
       results = json.load(f)
-  sections = args.only or SECTIONS
+  sections = args.only or (('memory', 'timing') if args.headline
+                           else SECTIONS)
+  previous_date = results.get('date')
   results.update({'mode': mode, 'config': cfg, 'machine': machine(),
                   'date': datetime.datetime.now().isoformat(
                       timespec='seconds')})
   runner = Runner(out_dir, cfg, args.fresh)
   seconds = results.setdefault('section_seconds', {})
 
+  dates = results.setdefault('section_dates', {})
+
   def timed(name, fn, *fn_args):
     start = time.time()
+    dates[name] = datetime.datetime.now().isoformat(timespec='seconds')
     out = fn(*fn_args)
     seconds[name] = time.time() - start
     return out
 
   if 'memory' in sections or ('max_batch' in sections and
                               'memory' not in results):
-    results['memory'] = timed('memory', memory_section, runner, cfg)
+    measured = timed('memory', memory_section, runner, cfg,
+                     memory_configs(cfg, args.headline))
+    partial = args.headline or args.methods
+    if args.headline and results.get('memory'):
+      results.setdefault('sweep_date', previous_date)
+      results['headline_memory_date'] = dates['memory']
+    elif not partial:
+      results.pop('sweep_date', None)
+      results.pop('headline_memory_date', None)
+    results['memory'] = (merge_memory(results.get('memory'), measured)
+                         if partial else measured)
     results['predicted_saved'] = predicted_saved(cfg)
   if 'timing' in sections:
     results['timing'] = timed('timing', timing_section, runner, cfg)
   if 'max_batch' in sections:
-    results['max_batch'] = timed('max_batch', max_batch_section, runner, cfg,
-                                 results['memory'])
+    found = timed('max_batch', max_batch_section, runner, cfg,
+                  results['memory'])
+    if args.methods and results.get('max_batch'):
+      found['methods'] = dict(results['max_batch']['methods'],
+                              **found['methods'])
+    results['max_batch'] = found
   if 'fidelity' in sections:
     results['fidelity'] = timed('fidelity', fidelity_section, runner, cfg)
   if 'quant_ops' in sections:

@@ -20,22 +20,28 @@ from blpa import memory, models
 
 
 def build_steps(keys, rblocks, batch, size, seed=0):
-  """One training-step callable per method key (see common.METHODS)."""
+  """One training-step callable per method key (see common.METHODS).
+
+  Every method trains on the same random batch; the blpa graphs and the
+  autodiff twins start from the same weights (one graph per qtype, built
+  with the same seed), the Keras models from Keras's own initializers.
+  """
   shape = [batch, size, size, 3]
   rng = np.random.default_rng(seed)
   x = rng.standard_normal(shape).astype(np.float32)
+  y = rng.integers(0, 10, size=(batch, 1, 1, 1)).astype(np.int32)
   steps, nets = {}, {}
   for key, _, method, qtype in common.METHODS:
     if key not in keys:
       continue
+    tf.random.set_seed(seed)
+    if method in memory.KERAS_METHODS:
+      steps[key] = memory.keras_step_function(method, rblocks, x, y)
+      continue
     if qtype not in nets:
-      tf.random.set_seed(seed)
       nets[qtype] = models.build(models.cifar_resnet(rblocks), shape,
                                  qtype=qtype)
-    net = nets[qtype]
-    y = rng.integers(0, net.num_classes, size=(batch, 1, 1, 1)).astype(
-        np.int32)
-    steps[key] = memory.step_function(method, net, x, y)
+    steps[key] = memory.step_function(method, nets[qtype], x, y)
   return steps
 
 
@@ -71,6 +77,7 @@ def main(argv=None):
       'warmup': args.warmup, 'step_times': times,
       'loadavg_before': load_before, 'loadavg_after': os.getloadavg(),
       'device': memory.device_name(),
+      'onednn': os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default (on)'),
       'threads': {'intra_op': tf.config.threading
                               .get_intra_op_parallelism_threads(),
                   'inter_op': tf.config.threading

@@ -7,6 +7,7 @@ Training state that the original did not save (momentum, running BN
 statistics) goes under extra keys that the original ignores.
 """
 
+import errno
 import os
 import tempfile
 import zipfile
@@ -19,28 +20,50 @@ def write_atomic(path, arrays):
 
   The file is written beside ``path`` under a temporary name, flushed to
   disk, then renamed over ``path``: a reader (or a run killed mid-write)
-  sees either the old file or the new one, never a partial one.
+  sees either the old file or the new one, never a partial one.  On any
+  failure the temporary file is removed.
 
   Args:
     path: destination file name (used as given: no suffix is added).
     arrays: dict of name → array.
+
+  Raises:
+    IsADirectoryError: if ``path`` is a directory.
+    OSError: naming ``path``, if it cannot be written (its folder cannot be
+      created or written, the disk is full, ...).
   """
+  if os.path.isdir(path):
+    raise IsADirectoryError(errno.EISDIR, 'cannot save a checkpoint: the path '
+                            'is a directory, give a file name', path)
   directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory,
-                             prefix='.' + os.path.basename(path) + '.',
-                             suffix='.tmp')
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise NotADirectoryError(errno.ENOTDIR, 'cannot save a checkpoint: its '
+                             f'folder {directory!r} is a file', path)
+  tmp = None
   try:
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory,
+                               prefix='.' + os.path.basename(path) + '.',
+                               suffix='.tmp')
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600 files
     with os.fdopen(fd, 'wb') as f:
       np.savez(f, **arrays)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    _remove(tmp)
+    raise type(e)(e.errno, f'cannot save a checkpoint to {path!r}: '
+                  f'{e.strerror or e}', path) from e
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    _remove(tmp)
     raise
+
+
+def _remove(tmp):
+  """Removes the temporary file ``tmp`` if it was created."""
+  if tmp and os.path.exists(tmp):
+    os.remove(tmp)
 
 
 def _umask():

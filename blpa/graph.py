@@ -19,6 +19,9 @@ and the last layer always keep full-precision copies (their activations
 cannot be restored with an exact ReLU mask from K-bit codes).
 """
 
+import math
+import warnings
+
 import numpy as np
 import tensorflow as tf
 
@@ -27,6 +30,9 @@ from blpa import layers as layers_lib
 from blpa.layers import LogLoss, NLDef, SimpleData  # pylint: disable=unused-import
 
 MOMENTUM = 0.9
+#: What an update does when its loss, learning rate or gradients are not
+#: finite (see ``Graph.on_nonfinite``).
+NONFINITE_MODES = ('skip', 'raise')
 SUM = tf.VariableAggregation.SUM
 MEAN = tf.VariableAggregation.MEAN
 NONE = tf.VariableAggregation.NONE
@@ -39,6 +45,36 @@ class Graph:
     data_layer: a :class:`SimpleData` giving the input shape.
     loss_layer: a :class:`LogLoss`.
   """
+
+  _on_nonfinite = 'skip'
+  _pending_loss = 0.0
+  _spoiled = None
+
+  @property
+  def on_nonfinite(self):
+    """What ``backward``/``hback``/``cback`` do when an update is not finite.
+
+    An update is not finite when the loss of its ``forward`` is NaN or
+    infinite, the learning rate is, or a gradient is (checked on the
+    device inside the compiled backward pass).  The weights and momentum
+    are then left untouched, and
+
+    * ``'skip'`` (the default): the update is skipped with a
+      ``RuntimeWarning`` saying why, and training can go on;
+    * ``'raise'``: ``FloatingPointError`` is raised.
+
+    With ``multi`` sub-batches, a non-finite sub-batch (its loss at
+    ``hback``, or any accumulated gradient at ``cback``) skips the whole
+    update: ``cback`` applies nothing (``binit`` starts afresh).
+    """
+    return self._on_nonfinite
+
+  @on_nonfinite.setter
+  def on_nonfinite(self, mode):
+    if mode not in NONFINITE_MODES:
+      raise ValueError("Graph.on_nonfinite must be 'skip' or 'raise', got "
+                       f'{mode!r}')
+    self._on_nonfinite = mode
 
   def __init__(self, data_layer, loss_layer):
     if not isinstance(data_layer, SimpleData):
@@ -240,6 +276,7 @@ class Graph:
     if train:
       acc, loss = self._function('train', bn)(x, y)
       self._pending_backward = True
+      self._pending_loss = float(loss)
     else:
       acc, loss = self._function('eval', bn)(x, y)
     return float(acc), float(loss)
@@ -413,17 +450,39 @@ class Graph:
     """
     return grad / float(count) if count > 1 else grad
 
+  def _apply_if_finite(self, grads, lr):
+    """Applies ``grads`` (one per weight) only if they and ``lr`` are finite.
+
+    The check is one all-finite reduction on the device and the updates
+    sit in a ``tf.cond``: no host round trip, and weights and momentum are
+    untouched when it fails.
+
+    Returns:
+      The boolean scalar: whether the update was applied.
+    """
+    finite = tf.reduce_all(tf.stack(
+        [tf.math.is_finite(lr)] +
+        [tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+
+    def apply():
+      for i, g in enumerate(grads):
+        self._apply(i, g, lr)
+      return tf.constant(True)
+
+    return tf.cond(finite, apply, lambda: tf.constant(False))
+
   def _apply_all(self, lr):
-    """Backward pass applying each gradient as soon as it is computed."""
-    self._backward_pass(lambda i, g: self._apply(i, self._total(g), lr))
+    """Backward pass, then the update if every gradient is finite."""
+    return self._apply_if_finite(self._collect_all(), lr)
 
   def _accumulate_all(self):
     """Backward pass adding gradients to this device's accumulators."""
     self._backward_pass(lambda i, g: self.accumulators[i].assign_add(g))
 
   def _apply_accumulators(self, lr):
-    for i, acc in enumerate(self.accumulators):
-      self._apply(i, self._total(acc.read_value(), self.multi), lr)
+    return self._apply_if_finite(
+        [self._total(acc.read_value(), self.multi)
+         for acc in self.accumulators], lr)
 
   def _collect_all(self):
     grads = [None] * len(self.weights)
@@ -432,7 +491,7 @@ class Graph:
 
   @tf.function(input_signature=[tf.TensorSpec([], tf.float32)])
   def _backward_apply(self, lr):
-    self._each_device(self._apply_all, lr)
+    return self._each_device(self._apply_all, lr)
 
   @tf.function
   def _backward_accumulate(self):
@@ -440,28 +499,99 @@ class Graph:
 
   @tf.function(input_signature=[tf.TensorSpec([], tf.float32)])
   def _apply_accumulated(self, lr):
-    self._each_device(self._apply_accumulators, lr)
+    return self._each_device(self._apply_accumulators, lr)
 
   @tf.function
   def _backward_collect(self):
     return self._each_device(self._collect_all)
 
   def _take_pending(self, what):
+    """Consumes the pending ``forward``.
+
+    Returns:
+      Its loss (a float).
+    """
     self._check_closed(what)
     if not self._pending_backward:
       raise ValueError(f'{what}: call forward(x, y) (with labels, train=True) '
                        'first; each forward allows one backward')
     self._pending_backward = False
+    return self._pending_loss
+
+  def _nonfinite(self, what, reason):
+    """Skips (with a warning) or raises for an update that is not finite.
+
+    Args:
+      what: the method, for the message.
+      reason: what is not finite.
+
+    Raises:
+      FloatingPointError: when ``on_nonfinite`` is ``'raise'``.
+    """
+    message = (f'{what}: {reason}; the update is skipped, weights and '
+               'momentum are unchanged')
+    if self.on_nonfinite == 'raise':
+      raise FloatingPointError(message + " (on_nonfinite='raise')")
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+  def _check_update(self, what, lr, loss=None):
+    """Why an update cannot be finite (host-side), or None.
+
+    Args:
+      what: the method, for messages.
+      lr: the learning rate (a number).
+      loss: the loss of the forward the update uses, if any.
+    """
+    try:
+      lr = float(lr)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'{what}: lr must be a number, got {lr!r}') from e
+    if loss is not None and not math.isfinite(loss):
+      return f'the loss of the last forward is {loss}'
+    if not math.isfinite(lr):
+      return f'the learning rate is {lr}'
+    return None
+
+  def _update(self, what, reason, apply, lr, gradient):
+    """Runs ``apply(lr)`` (which checks the gradients on the device).
+
+    Args:
+      what: the method, for messages.
+      reason: why the update cannot be finite (host-side), or None.
+      apply: a compiled update returning whether it applied.
+      lr: the learning rate.
+      gradient: what ``apply`` checks, for the message.
+
+    Returns:
+      Whether the update was applied (else see :attr:`on_nonfinite`).
+    """
+    if reason is None:
+      if bool(apply(tf.constant(lr, tf.float32))):
+        return True
+      reason = f'{gradient} is not finite'
+    self._nonfinite(what, reason)
+    return False
 
   def backward(self, lr):
     """Backpropagates the last ``forward`` and applies one momentum update.
 
+    The update is made only if the forward's loss, ``lr`` and every
+    gradient are finite; otherwise see :attr:`on_nonfinite`.
+
     Args:
       lr: learning rate; momentum 0.9 with TF1 semantics
         (``acc = 0.9·acc + grad; w -= lr·acc``).
+
+    Returns:
+      Whether the update was applied.
+
+    Raises:
+      FloatingPointError: for a non-finite update with
+        ``on_nonfinite='raise'``.
     """
-    self._take_pending('backward')
-    self._backward_apply(tf.constant(lr, tf.float32))
+    loss = self._take_pending('backward')
+    return self._update('backward', self._check_update('backward', lr, loss),
+                        self._backward_apply, lr, 'a gradient')
 
   def binit(self):
     """Starts accumulating gradients over ``multi`` sub-batches."""
@@ -472,30 +602,56 @@ class Graph:
     for acc in self.accumulators:
       acc.assign(tf.zeros_like(acc))
     self._accumulated = 0
+    self._spoiled = None
 
   def hback(self):
-    """Adds the gradients of the last ``forward`` to the accumulators."""
+    """Adds the gradients of the last ``forward`` to the accumulators.
+
+    After a non-finite loss nothing is accumulated and the next ``cback``
+    skips its update (with ``on_nonfinite='raise'``: raises now, and
+    ``binit`` must start again).
+    """
     if self._accumulated is None:
       raise ValueError('hback: call binit() first')
-    self._take_pending('hback')
-    self._backward_accumulate()
+    loss = self._take_pending('hback')
+    if not math.isfinite(loss):
+      reason = f'the loss of sub-batch {self._accumulated + 1} is {loss}'
+      if self.on_nonfinite == 'raise':
+        self._accumulated = None
+        raise FloatingPointError(f'hback: {reason}; the update is abandoned '
+                                 "(on_nonfinite='raise'), call binit() again")
+      warnings.warn(f'hback: {reason}; it is not accumulated and the next '
+                    'cback skips its update', RuntimeWarning, stacklevel=2)
+      self._spoiled = reason
+    elif self._spoiled is None:
+      self._backward_accumulate()
     self._accumulated += 1
 
   def cback(self, lr):
     """Applies the accumulated gradients, divided by ``multi``.
 
+    The update is made only if every sub-batch's loss, ``lr`` and every
+    accumulated gradient are finite; otherwise see :attr:`on_nonfinite`.
+
     Args:
       lr: learning rate.
+
+    Returns:
+      Whether the update was applied.
 
     Raises:
       ValueError: unless exactly ``multi`` ``hback`` calls followed
         ``binit``.
+      FloatingPointError: for a non-finite update with
+        ``on_nonfinite='raise'``.
     """
     if self._accumulated != self.multi:
       raise ValueError(f'cback: expected {self.multi} hback() calls since '
                        f'binit() (multi={self.multi}), got {self._accumulated}')
-    self._apply_accumulated(tf.constant(lr, tf.float32))
     self._accumulated = None
+    return self._update('cback',
+                        self._spoiled or self._check_update('cback', lr),
+                        self._apply_accumulated, lr, 'an accumulated gradient')
 
   def gradients(self, x, y):
     """Gradients of the loss (plus weight decay) for one batch, no update.
@@ -547,6 +703,10 @@ class Graph:
       state: also store momentum (``'mom_K'``) and running BN statistics
         (``'bnmean_L'``, ``'bnvar_L'``) so that training resumes exactly;
         the reference implementation ignores these keys.
+
+    Raises:
+      IsADirectoryError, OSError: naming ``path``, when it is a directory
+        or cannot be written; no temporary file is left behind.
     """
     self._check_closed('save')
     arrays = {str(i): w.numpy() for i, w in enumerate(self.weights)}

@@ -1,8 +1,10 @@
-"""Peak memory of a training step, blpa against plain autodiff.
+"""Peak memory of a training step: blpa, its autodiff twin and Keras.
 
 On CPU the figures come from TensorFlow's BFC allocator, which keeps peak
 statistics only when the process starts with ``TF_CPU_ALLOCATOR_USE_BFC=true``
 (set before TensorFlow is imported); on GPU from ``get_memory_info('GPU:0')``.
+The trainers here (:class:`AutodiffTrainer`, :class:`KerasTrainer`) are the
+baselines of ``bench/``; :func:`peak_breakdown` accounts for blpa's peak.
 Used by the memory test and by ``bench/``.
 """
 
@@ -109,12 +111,101 @@ class AutodiffTrainer:
     return acc, xent
 
 
+class KerasTrainer:
+  """The same network as a ``tf.keras`` model, trained as a Keras user would.
+
+  :func:`blpa.models.keras_cifar_resnet` (pool+pad shortcut: the same
+  network as blpa's), ``GradientTape`` over ``model(x, training=True)``,
+  sparse softmax cross-entropy on the logits plus the model's L2 kernel
+  regularizers (``model.losses``), Keras ``SGD(momentum=0.9)``; the step is
+  one ``tf.function``.
+
+  With ``recompute``, the model is cut into segments at the residual
+  joins (the stem convolution, each bottleneck block up to its ``Add``, the
+  classifier head) — sub-models sharing the full model's layers, whose
+  input is the one tensor passed between blocks — and each segment is
+  wrapped in ``tf.recompute_grad``, as ``AutodiffTrainer(recompute=True)``
+  wraps each residual stage.  (Recomputation re-runs the BN layers, so
+  their moving statistics are updated twice per step.)
+
+  Args:
+    rblocks: bottleneck blocks per stage.
+    input_shape: ``[B, H, W, C]`` of the batch.
+    num_classes: output classes.
+    weight_decay: L2 weight decay on the kernels.
+    lr: learning rate.
+    recompute: wrap each segment in ``tf.recompute_grad``.
+  """
+
+  def __init__(self, rblocks, input_shape, num_classes=10, weight_decay=1e-4,
+               lr=0.01, recompute=False):
+    self.model = models.keras_cifar_resnet(
+        rblocks, num_classes, tuple(input_shape[1:]), weight_decay,
+        shortcut='pool_pad')
+    self.segments = (
+        [tf.recompute_grad(lambda h, s=s: s(h, training=True))
+         for s in keras_segments(self.model)] if recompute else None)
+    self.optimizer = tf.keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
+    self.optimizer.build(self.model.trainable_variables)
+    self.step = tf.function(self._step, input_signature=[
+        tf.TensorSpec([None] + list(input_shape[1:]), tf.float32),
+        tf.TensorSpec([None], tf.int32)])
+
+  def logits(self, x):
+    """The model's training-mode output (segment by segment if recompute)."""
+    if self.segments is None:
+      return self.model(x, training=True)
+    for segment in self.segments:
+      x = segment(x)
+    return x
+
+  def _step(self, x, y):
+    variables = self.model.trainable_variables
+    with tf.GradientTape() as tape:
+      out = self.logits(x)
+      xent = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=y, logits=out))
+      objective = xent + tf.add_n(self.model.losses)
+    grads = tape.gradient(objective, variables)
+    self.optimizer.apply_gradients(zip(grads, variables))
+    acc = tf.reduce_mean(tf.cast(
+        tf.equal(tf.argmax(out, axis=1, output_type=tf.int32), y), tf.float32))
+    return acc, xent
+
+
+def keras_segments(model):
+  """Sub-models of a functional ResNet cut at its residual joins.
+
+  Args:
+    model: a model of :func:`blpa.models.keras_cifar_resnet`.
+
+  Returns:
+    Sub-models sharing ``model``'s layers, to be applied in turn: the stem
+    convolution, one per bottleneck block (ending at its ``Add``), and the
+    head (BN, ReLU, pooling, classifier).
+  """
+  joins = [l.output for l in model.layers
+           if isinstance(l, tf.keras.layers.Add)]
+  stem = next(l for l in model.layers
+              if isinstance(l, tf.keras.layers.Conv2D)).output
+  cuts = [stem] + joins + [model.outputs[0]]
+  segments, start = [], model.inputs[0]
+  for end in cuts:
+    segments.append(tf.keras.Model(start, end))
+    start = end
+  return segments
+
+
+KERAS_METHODS = ('keras', 'keras_recompute')
+METHODS = ('blpa', 'autodiff', 'recompute') + KERAS_METHODS
+
+
 def step_function(method, net, x, y, lr=0.01):
   """A callable running one training step of ``method`` on a batch.
 
   Args:
     method: ``'blpa'`` (the graph's own forward/backward), ``'autodiff'`` or
-      ``'recompute'``.
+      ``'recompute'`` (:class:`AutodiffTrainer` on the graph's twin).
     net: a closed graph (its qtype is used for ``'blpa'``).
     x, y: the batch (numpy; labels ``[B]`` or ``[B,1,1,1]``).
     lr: learning rate.
@@ -123,38 +214,72 @@ def step_function(method, net, x, y, lr=0.01):
     A function of no arguments.
   """
   if method == 'blpa':
-    def step():
+    def forward():
       net.forward(x, y)
+
+    def backward():
       net.backward(lr)
+
+    def step():
+      forward()
+      backward()
+    step.phases = {'forward': forward, 'backward': backward}
     return step
   trainer = AutodiffTrainer(net, recompute=(method == 'recompute'))
+  lr = tf.constant(lr, tf.float32)
+  return _tensor_step(lambda xt, yt: trainer.step(xt, yt, lr), x, y)
+
+
+def keras_step_function(method, rblocks, x, y, num_classes=10,
+                        weight_decay=1e-4, lr=0.01):
+  """A callable running one step of :class:`KerasTrainer` on a batch.
+
+  Args:
+    method: ``'keras'`` or ``'keras_recompute'``.
+    rblocks: bottleneck blocks per stage.
+    x, y: the batch (numpy; labels ``[B]`` or ``[B,1,1,1]``).
+    num_classes, weight_decay, lr: as for :class:`KerasTrainer`.
+
+  Returns:
+    A function of no arguments.
+  """
+  trainer = KerasTrainer(rblocks, x.shape, num_classes, weight_decay, lr,
+                         recompute=(method == 'keras_recompute'))
+  return _tensor_step(trainer.step, x, y)
+
+
+def _tensor_step(step, x, y):
+  """``step(x, y)`` on constant tensors, waiting for its results."""
   xt = tf.constant(x)
   yt = tf.constant(np.asarray(y).reshape(-1).astype(np.int32))
-  lr = tf.constant(lr, tf.float32)
-  return lambda: [t.numpy() for t in trainer.step(xt, yt, lr)]
+  return lambda: [t.numpy() for t in step(xt, yt)]
 
 
 def cifar_step(method, rblocks, batch, qtype=4, size=32, seed=0):
   """One training step of a CIFAR ResNet on a random batch.
 
   Args:
-    method: ``'blpa'``, ``'autodiff'`` or ``'recompute'``.
+    method: one of :data:`METHODS`.
     rblocks: bottleneck blocks per stage (depth 9·rblocks+2).
     batch: batch size.
-    qtype: blpa's qtype (ignored by the autodiff methods).
+    qtype: blpa's qtype (ignored by the other methods).
     size: image height and width.
     seed: random seed of weights and data.
 
   Returns:
     ``(step, net)``: a callable running one step (see
-    :func:`step_function`) and the closed graph.
+    :func:`step_function`) and the closed blpa graph (``None`` for the
+    Keras methods, which build no graph, so that their peak holds only the
+    Keras model).
   """
   tf.random.set_seed(seed)
   shape = [batch, size, size, 3]
-  net = models.build(models.cifar_resnet(rblocks), shape, qtype=qtype)
   rng = np.random.default_rng(seed)
   x = rng.standard_normal(shape).astype(np.float32)
-  y = rng.integers(0, net.num_classes, size=(batch, 1, 1, 1)).astype(np.int32)
+  y = rng.integers(0, 10, size=(batch, 1, 1, 1)).astype(np.int32)
+  if method in KERAS_METHODS:
+    return keras_step_function(method, rblocks, x, y), None
+  net = models.build(models.cifar_resnet(rblocks), shape, qtype=qtype)
   return step_function(method, net, x, y), net
 
 
@@ -178,6 +303,73 @@ def weight_bytes(net):
   return sum(int(np.prod(w.shape)) * 4 for w in net.weights)
 
 
+def phase_peaks(step):
+  """Peak bytes of each phase of a blpa step (``step.phases``), in turn.
+
+  Returns:
+    ``{'forward': bytes, 'backward': bytes}``: the allocator peak from the
+    start of each phase to its end (everything resident included).
+  """
+  device = device_name()
+  out = {}
+  for name, phase in step.phases.items():
+    tf.config.experimental.reset_memory_stats(device)
+    phase()
+    out[name] = int(tf.config.experimental.get_memory_info(device)['peak'])
+  return out
+
+
+def _elements(batch, shape):
+  return batch * int(np.prod(shape))
+
+
+def peak_breakdown(net, batch, peak=None):
+  """What a blpa step holds at its peak, by kind, from known tensor sizes.
+
+  Resident through the step: weights, momentum, the K-bit copies and the
+  full-precision copies (with their per-channel statistics), the input
+  batch (float images and int32 labels) and the loss gradient.  Transient,
+  at the widest layer (largest input): its restored full-precision
+  activation, the gradient leaving it (same size), the gradient arriving
+  at its convolution output, and the pending residual gradient (the size
+  of the widest residual buffer).  Everything else at the peak (the other
+  temporaries of that layer's forward or backward: BN intermediates,
+  ReLU mask, convolution workspace) is ``unexplained``.
+
+  Args:
+    net: a closed :class:`blpa.graph.Graph`.
+    batch: batch size of the step.
+    peak: measured peak bytes, to compute ``unexplained`` (optional).
+
+  Returns:
+    dict kind → bytes (``'unexplained'`` and ``'total_explained'`` included
+    when ``peak`` is given), and ``'widest_layer'``, its index.
+  """
+  saved = net.saved_bytes(batch)
+  widest = max(net.layers, key=lambda l: _elements(batch, l.in_shape))
+  residual = max((_elements(batch, l.in_shape) for l in net.layers
+                  if l.nl.res_out is not None), default=0)
+  act = 4 * _elements(batch, widest.in_shape)
+  out = {
+      'weights': weight_bytes(net),
+      'momentum': weight_bytes(net),
+      'compact_copies': sum(b for _, bits, b in saved if bits),
+      'full_copies': sum(b for _, bits, b in saved if not bits),
+      'input_batch': 4 * _elements(batch, net.input_shape[1:]) + 4 * batch,
+      'loss_gradient': 4 * batch * net.num_classes,
+      'widest_activation': act,
+      'widest_gradient_in': act,
+      'widest_gradient_out': 4 * _elements(batch, widest.out_shape),
+      'residual_gradient': 4 * residual,
+  }
+  explained = sum(out.values())
+  out['widest_layer'] = widest.index
+  if peak is not None:
+    out['total_explained'] = explained
+    out['unexplained'] = int(peak) - explained
+  return out
+
+
 def main(argv=None):
   """Prints the peak of one CIFAR ResNet training step as JSON.
 
@@ -189,8 +381,7 @@ def main(argv=None):
   import argparse  # pylint: disable=import-outside-toplevel
   import json  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(description=main.__doc__.split('\n')[0])
-  parser.add_argument('--method', default='blpa',
-                      choices=['blpa', 'autodiff', 'recompute'])
+  parser.add_argument('--method', default='blpa', choices=METHODS)
   parser.add_argument('--rblocks', type=int, default=2)
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--qtype', type=int, default=4, choices=[0, 4, 8])
@@ -210,13 +401,18 @@ def main(argv=None):
         args.inter_op_threads)
   step, net = cifar_step(args.method, args.rblocks, args.batch, args.qtype,
                          args.size)
-  result = {
-      'method': args.method, 'rblocks': args.rblocks, 'batch': args.batch,
-      'qtype': args.qtype, 'size': args.size,
-      'saved_bytes': int(sum(b for _, _, b in net.saved_bytes(args.batch))),
-      'weight_bytes': weight_bytes(net)}
+  result = {'method': args.method, 'rblocks': args.rblocks,
+            'batch': args.batch, 'qtype': args.qtype, 'size': args.size}
+  if net is not None:
+    result['saved_bytes'] = int(sum(b for _, _, b in
+                                    net.saved_bytes(args.batch)))
+    result['weight_bytes'] = weight_bytes(net)
   if args.repeats:
     result['peak_bytes'] = int(peak_bytes(step, args.repeats))
+    if hasattr(step, 'phases'):
+      result['phase_peak_bytes'] = phase_peaks(step)
+      result['breakdown'] = peak_breakdown(net, args.batch,
+                                           result['peak_bytes'])
   if args.time_steps:
     result['step_times'] = step_times(step, args.time_steps,
                                       warmup=0 if args.repeats else 1)

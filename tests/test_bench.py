@@ -1,4 +1,4 @@
-"""The benchmark's own logic (bench/): batch search, report, naive baseline.
+"""The benchmark's own logic (bench/): batch search, report, baselines.
 
 Marked slow: the benchmark is not part of the default suite.
 """
@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from bench import common, report, run
-from blpa import autodiff, models
+from blpa import autodiff, memory, models
 
 pytestmark = pytest.mark.slow
 
@@ -66,23 +66,30 @@ def _layer_list(n, value):
           'cosine': [value] * n, 'relative_error': [0.1] * n}
 
 
-def test_report_writes_tables_charts_and_verdicts(tmp_path):
-  cfg = dict(run.CONFIGS['quick'])
+def _fake_results(cfg):
+  """Results of every method: keras 10x blpa's peak, blpa q4 1.04x its time."""
+  rows = [(r, cfg['depth_batch']) for r in cfg['depth_rblocks']] + [
+      (cfg['batch_rblocks'], b) for b in cfg['batches']]
   runs = [{'method_key': k, 'rblocks': r, 'batch': b,
-           'peak_bytes': (10 if k == 'autodiff' else 1) * b * r * common.MIB,
+           'peak_bytes': (10 if k == 'keras' else 1) * b * r * common.MIB,
            'saved_bytes': b * r * common.MIB // 2, 'weight_bytes': 1}
-          for k, _, _, _ in common.METHODS
-          for r, b in [(r, cfg['depth_batch']) for r in cfg['depth_rblocks']] +
-          [(cfg['batch_rblocks'], b) for b in cfg['batches']]]
+          for k, _, _, _ in common.METHODS for r, b in rows]
+  head = next(r for r in runs if r['method_key'] == 'blpa_q4' and (
+      r['rblocks'], r['batch']) == (cfg['time_rblocks'], cfg['time_batch']))
+  head['breakdown'] = {name: common.MIB for name, _ in
+                       report.BREAKDOWN_LABELS}
+  head['phase_peak_bytes'] = {'forward': common.MIB, 'backward': 2 * common.MIB}
+  ratios = {'blpa_q4': 1.04, 'blpa_q0': 1.02}
   fid_state = {'layers': [0, 1, 2], **{v: _layer_list(3, 0.995)
                                        for v in report.VARIANT_LABELS}}
   fid_state['naive_q4'] = _layer_list(3, 0.2)
-  results = {
+  return {
       'mode': 'quick', 'config': cfg, 'date': 'now', 'duration_s': 60,
       'machine': {'cpu': 'cpu', 'cores': 2, 'ram_gib': 8, 'device': 'CPU:0',
-                  'tensorflow': tf.__version__, 'python': '3'},
+                  'onednn': '1', 'tensorflow': tf.__version__, 'python': '3'},
       'memory': {'runs': runs, 'skipped': []},
-      'timing': {'summary': {k: {'median_s': 1.0, 'time_ratio': 1.05,
+      'timing': {'summary': {k: {'median_s': 1.0,
+                                 'time_ratio': ratios.get(k, 1.0),
                                  'images_per_s': 32, 'throughput_ratio': 0.95}
                              for k, _, _, _ in common.METHODS}},
       'max_batch': {'cap_bytes': common.GIB, 'rblocks': 2, 'methods': {
@@ -91,16 +98,76 @@ def test_report_writes_tables_charts_and_verdicts(tmp_path):
       'fidelity': {'digits': {'data': 'digits', 'rblocks': 2, 'batch': 8,
                               'states': {'init': fid_state}}},
   }
-  verdicts = {t['name']: t['met'] for t in report.targets(results)}
+
+
+def test_report_writes_tables_charts_and_verdicts(tmp_path):
+  results = _fake_results(dict(run.CONFIGS['quick']))
+  results['targets'] = report.targets(results)
+  verdicts = {t['name']: t['met'] for t in results['targets']}
   assert verdicts == {'peak memory': True, 'largest batch': True,
-                      'step time': True,
+                      'step time blpa qtype 4': True,
+                      'step time blpa qtype 0': False,
                       'gradient cosine at init (digits)': True}
   report.write(results, str(tmp_path))
   text = (tmp_path / 'results.md').read_text()
-  assert 'blpa qtype 4' in text and 'MISSED' not in text
+  assert 'keras ÷ peak' in text and 'time × keras' in text
+  assert 'What blpa holds at its peak' in text and '1 / 2' in text
+  assert text.count('MISSED') == 1  # blpa qtype 0 at 1.02x keras
   for name in ('memory_depth', 'memory_batch', 'time_ratio', 'max_batch',
                'grad_fidelity'):
     assert (tmp_path / f'{name}.png').stat().st_size < 300_000
+
+
+def test_headline_rows_replace_only_what_was_measured_again():
+  old = {'runs': [{'method_key': 'keras', 'rblocks': 18, 'batch': 128,
+                   'peak_bytes': 1},
+                  {'method_key': 'keras', 'rblocks': 18, 'batch': 16,
+                   'peak_bytes': 2}], 'skipped': []}
+  new = {'runs': [{'method_key': 'keras', 'rblocks': 18, 'batch': 128,
+                   'peak_bytes': 3}], 'skipped': []}
+  merged = run.merge_memory(old, new)
+  assert sorted(r['peak_bytes'] for r in merged['runs']) == [2, 3]
+  assert run.memory_configs(run.CONFIGS['full'], headline=True) == [(18, 128)]
+
+
+def test_keras_recompute_segments_give_the_same_gradients():
+  """keras_recompute is the keras model cut at its joins, not another net."""
+  shape = [4, 8, 8, 3]
+  tf.random.set_seed(0)
+  plain = memory.KerasTrainer(1, shape)
+  cut = memory.KerasTrainer(1, shape, recompute=True)
+  for a, b in zip(plain.model.variables, cut.model.variables):
+    b.assign(a)
+  x = tf.random.normal(shape)
+  y = tf.constant([0, 1, 2, 3])
+  grads = []
+  for trainer in (plain, cut):
+    with tf.GradientTape() as tape:
+      out = trainer.logits(x)
+      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+          labels=y, logits=out))
+    grads.append(tape.gradient(loss, trainer.model.trainable_variables))
+  assert len(memory.keras_segments(plain.model)) == 3 + 2  # stem, blocks, head
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
+  # The same number of weights as blpa's network (same architecture).
+  net = models.build(models.cifar_resnet(1), shape)
+  assert sum(int(np.prod(w.shape)) for w in net.weights) == sum(
+      int(np.prod(v.shape)) for v in plain.model.trainable_variables)
+  acc, xent = plain.step(x, y)
+  assert 0 <= float(acc) <= 1 and np.isfinite(float(xent))
+
+
+def test_peak_breakdown_adds_up_to_the_peak():
+  shape = [16, 32, 32, 3]
+  net = models.build(models.cifar_resnet(1), shape, qtype=4)
+  parts = memory.peak_breakdown(net, 16, peak=50 * common.MIB)
+  assert parts['compact_copies'] + parts['full_copies'] == sum(
+      b for _, _, b in net.saved_bytes(16))
+  assert parts['widest_activation'] == 16 * 32 * 32 * 64 * 4
+  kinds = [k for k, _ in report.BREAKDOWN_LABELS]
+  assert sum(parts[k] for k in kinds) == 50 * common.MIB
+  assert parts['total_explained'] + parts['unexplained'] == 50 * common.MIB
 
 
 def test_naive_bits_zero_is_exact_and_four_bits_perturbs():
