@@ -62,32 +62,6 @@ def op_kind(op_type):
   return 'other'
 
 
-class KerasTrainer:
-  """The Keras model a user would write, trained with GradientTape + SGD."""
-
-  def __init__(self, rblocks, batch, seed=0, lr=0.01):
-    tf.random.set_seed(seed)
-    self.model = models.keras_cifar_resnet(rblocks)
-    self.optimizer = tf.keras.optimizers.SGD(lr, momentum=0.9)
-    rng = np.random.default_rng(seed)
-    self.x = tf.constant(rng.standard_normal([batch, 32, 32, 3]).astype(
-        np.float32))
-    self.y = tf.constant(rng.integers(0, 10, size=[batch]).astype(np.int32))
-    self.step_fn = tf.function(self._step)
-
-  def _step(self, x, y):
-    with tf.GradientTape() as tape:
-      logits = self.model(x, training=True)
-      loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
-          labels=y, logits=logits)) + tf.add_n(self.model.losses)
-    grads = tape.gradient(loss, self.model.trainable_variables)
-    self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-    return loss
-
-  def __call__(self):
-    self.step_fn(self.x, self.y).numpy()
-
-
 def build_steps(rblocks, batch, methods, seed=0):
   """One step callable per method."""
   steps = {}
@@ -95,10 +69,10 @@ def build_steps(rblocks, batch, methods, seed=0):
   x = rng.standard_normal([batch, 32, 32, 3]).astype(np.float32)
   y = rng.integers(0, 10, size=[batch, 1, 1, 1]).astype(np.int32)
   for key in methods:
+    tf.random.set_seed(seed)
     if key == 'keras':
-      steps[key] = KerasTrainer(rblocks, batch, seed)
+      steps[key] = memory.keras_step_function('keras', rblocks, x, y)
     else:
-      tf.random.set_seed(seed)
       net = models.build(models.cifar_resnet(rblocks), [batch, 32, 32, 3],
                          qtype=int(key[-1]))
       steps[key] = memory.step_function('blpa', net, x, y)
