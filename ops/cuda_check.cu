@@ -21,20 +21,13 @@
 #include <vector>
 
 #include "quant_kernels.cu.cc"
+#include "cuda_check_common.h"
 
 namespace {
 
-using blpa::PackedChannels;
+using blpa::check::TimeMs;
 
-#define CHECK_CUDA(expr)                                                   \
-  do {                                                                     \
-    cudaError_t err_ = (expr);                                             \
-    if (err_ != cudaSuccess) {                                             \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", #expr, __FILE__, \
-                   __LINE__, cudaGetErrorString(err_));                    \
-      std::exit(1);                                                        \
-    }                                                                      \
-  } while (0)
+using blpa::PackedChannels;
 
 template <typename T>
 struct DeviceBuffer {
@@ -204,24 +197,6 @@ int CheckCase(std::mt19937& rng, int64_t pixels, int64_t channels) {
            FirstMismatch(got_mask, want_mask));
   }
   return failures;
-}
-
-// Mean milliseconds per call of fn over `iters` calls after one warm-up.
-template <typename Fn>
-float TimeMs(Fn fn, int iters) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  fn();
-  CHECK_CUDA(cudaEventRecord(start));
-  for (int i = 0; i < iters; ++i) fn();
-  CHECK_CUDA(cudaEventRecord(stop));
-  CHECK_CUDA(cudaEventSynchronize(stop));
-  float ms = 0;
-  CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return ms / iters;
 }
 
 template <int kBits>

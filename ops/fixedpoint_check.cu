@@ -21,20 +21,13 @@
 #include <vector>
 
 #include "fixedpoint_kernels.cu.cc"
+#include "cuda_check_common.h"
 
 namespace {
 
-namespace fxp = blpa::fixedpoint;
+using blpa::check::TimeMs;
 
-#define CHECK_CUDA(expr)                                                   \
-  do {                                                                     \
-    cudaError_t err_ = (expr);                                             \
-    if (err_ != cudaSuccess) {                                             \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", #expr, __FILE__, \
-                   __LINE__, cudaGetErrorString(err_));                    \
-      std::exit(1);                                                        \
-    }                                                                      \
-  } while (0)
+namespace fxp = blpa::fixedpoint;
 
 struct DeviceFloats {
   float* ptr = nullptr;
@@ -110,24 +103,6 @@ int CheckCase(std::mt19937& rng, int64_t n, int bd, int ad, bool stochastic,
     }
   }
   return 0;
-}
-
-// Mean milliseconds per call of fn over `iters` calls after one warm-up.
-template <typename Fn>
-float TimeMs(Fn fn, int iters) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  fn();
-  CHECK_CUDA(cudaEventRecord(start));
-  for (int i = 0; i < iters; ++i) fn();
-  CHECK_CUDA(cudaEventRecord(stop));
-  CHECK_CUDA(cudaEventSynchronize(stop));
-  float ms = 0;
-  CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return ms / iters;
 }
 
 void Throughput(std::mt19937& rng) {

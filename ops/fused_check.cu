@@ -22,22 +22,15 @@
 #include <vector>
 
 #include "fused_kernels.cu.cc"
+#include "cuda_check_common.h"
 
 namespace {
+
+using blpa::check::TimeMs;
 
 using namespace blpa::fused;  // NOLINT
 using blpa::PackedChannels;
 using blpa::Quant;
-
-#define CHECK_CUDA(expr)                                                   \
-  do {                                                                     \
-    cudaError_t err_ = (expr);                                             \
-    if (err_ != cudaSuccess) {                                             \
-      std::fprintf(stderr, "CUDA error %s at %s:%d: %s\n", #expr, __FILE__, \
-                   __LINE__, cudaGetErrorString(err_));                    \
-      std::exit(1);                                                        \
-    }                                                                      \
-  } while (0)
 
 // A device copy of a host vector, freed at scope end.
 template <typename T>
@@ -243,22 +236,6 @@ int CheckCase(std::mt19937& rng, int64_t px, int64_t c, int nbits, bool relu) {
          Compare("grad_in", k, d_gin.Host(), grad_in) +
          Compare("dbias", k, d_db.Host(), db) +
          Compare("dscale", k, d_ds.Host(), ds);
-}
-
-// Milliseconds per call of fn, averaged over `reps` after one warm-up.
-template <typename Fn>
-float TimeMs(Fn fn, int reps = 20) {
-  cudaEvent_t start, stop;
-  CHECK_CUDA(cudaEventCreate(&start));
-  CHECK_CUDA(cudaEventCreate(&stop));
-  fn();
-  CHECK_CUDA(cudaEventRecord(start));
-  for (int i = 0; i < reps; ++i) fn();
-  CHECK_CUDA(cudaEventRecord(stop));
-  CHECK_CUDA(cudaEventSynchronize(stop));
-  float ms = 0;
-  CHECK_CUDA(cudaEventElapsedTime(&ms, start, stop));
-  return ms / reps;
 }
 
 // Throughput of each kernel as a fraction of a copy moving as many bytes.
