@@ -10,6 +10,9 @@ Public names::
     from blpa import mgraph                              # several devices
     from blpa import models                              # ResNet layer specs
     from blpa.quant import save_act, restore_act         # the quantizer
+    from blpa.keras import compress, report              # any Keras model
+    from blpa import approx                              # sampled layers
+    from blpa import fixedpoint                          # fixed-point layers
 """
 
 from blpa.graph import Graph
