@@ -278,8 +278,12 @@ def nonlinearity(layer, h):
     max pool).
   """
   r = tf.nn.relu(h) if layer.nl.relu else h
-  p = tf.nn.max_pool2d(r, 3, 2, 'SAME') if layer.nl.maxpool else r
-  return r, p
+  return r, max_pool(layer, r)
+
+
+def max_pool(layer, r):
+  """The layer's 3x3 stride-2 SAME max pool of ``r`` (``r`` without one)."""
+  return tf.nn.max_pool2d(r, 3, 2, 'SAME') if layer.nl.maxpool else r
 
 
 def conv_input(layer, p):
@@ -327,7 +331,7 @@ def forward(layer, params, x, buf, bn_stats=None, save=True):
     saved['sigma'] = sigma
     if bits:
       saved['offset'] = bias / cs
-    p = tf.nn.max_pool2d(r, 3, 2, 'SAME') if layer.nl.maxpool else r
+    p = max_pool(layer, r)
   else:
     h = z + params['bias'] if layer.has_bias else z
     _, p = nonlinearity(layer, h)
@@ -402,7 +406,7 @@ def backward(layer, params, saved, grad, rgrad, weight_decay):
     buffer before the layer.
   """
   r = _restore(layer, params, saved)
-  p = tf.nn.max_pool2d(r, 3, 2, 'SAME') if layer.nl.maxpool else r
+  p = max_pool(layer, r)
   act = conv_input(layer, p)
   kernel = params['kernel']
   grads = {'kernel': tf.raw_ops.Conv2DBackpropFilter(
