@@ -252,14 +252,7 @@ void Throughput(std::mt19937& rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const unsigned seed = argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 1234u;
-  std::mt19937 rng(seed);
-  int device_count = 0;
-  CHECK_CUDA(cudaGetDeviceCount(&device_count));
-  cudaDeviceProp prop;
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (sm_%d%d), seed %u\n", prop.name, prop.major,
-              prop.minor, seed);
+  std::mt19937 rng(blpa::check::SeedAndDevice(argc, argv));
 
   // Fixed shapes (odd, large and tiny C; empty batch), then random ones.
   const int64_t fixed_channels[] = {1, 2, 3, 5, 7, 8, 16, 17, 33, 64, 257};

@@ -22,6 +22,16 @@
 namespace blpa {
 namespace check {
 
+// The harness's random seed (argv[1], default 1234), printed with device 0.
+inline unsigned SeedAndDevice(int argc, char** argv) {
+  const unsigned seed = argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 1234u;
+  cudaDeviceProp prop;
+  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s (sm_%d%d), seed %u\n", prop.name, prop.major,
+              prop.minor, seed);
+  return seed;
+}
+
 // Mean milliseconds per call of fn over `iters` calls after one warm-up.
 template <typename Fn>
 float TimeMs(Fn fn, int iters = 20) {

@@ -140,12 +140,7 @@ void Throughput(std::mt19937& rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const unsigned seed = argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 1234u;
-  std::mt19937 rng(seed);
-  cudaDeviceProp prop;
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (sm_%d%d), seed %u\n", prop.name, prop.major,
-              prop.minor, seed);
+  std::mt19937 rng(blpa::check::SeedAndDevice(argc, argv));
   const int formats[][2] = {{1, 0},  {1, 15}, {1, 23}, {2, 2},  {3, 13},
                             {4, 4},  {5, 11}, {8, 8},  {12, 12}, {16, 0},
                             {16, 8}, {24, 0}};

@@ -284,12 +284,7 @@ void Throughput(std::mt19937& rng, int nbits) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const unsigned seed = argc > 1 ? std::strtoul(argv[1], nullptr, 10) : 1234u;
-  std::mt19937 rng(seed);
-  cudaDeviceProp prop;
-  CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
-  std::printf("device: %s (sm_%d%d), seed %u\n", prop.name, prop.major,
-              prop.minor, seed);
+  std::mt19937 rng(blpa::check::SeedAndDevice(argc, argv));
   std::uniform_int_distribution<int64_t> rand_px(1, 3000), rand_c(1, 300);
   int failures = 0, cases = 0;
   for (int nbits : {0, 4, 8}) {
