@@ -19,9 +19,9 @@ clamped scale ``cs`` and bias ``b``. The saved copy is the normalized value
 The native kernels (``ops/fused_*.cc``, loaded through :mod:`blpa.native`)
 make one pass over the activation per op (two for the gradient). Without
 them, or with ``BLPA_PY_OPS=1``, the pure-TF fallback computes the unfused
-formulas of the layers. Forward outputs agree bit for bit; the gradient's
-sums are taken in double by the kernels and in float32 by TF, so gradients
-agree to float rounding.
+formulas of the layers. The CPU kernels agree with it bit for bit, sums
+included (the same float32 terms summed in TF's CPU reduction order); the
+CUDA kernels sum in double, so their gradients agree to float rounding.
 """
 
 import tensorflow as tf
