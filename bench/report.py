@@ -178,8 +178,8 @@ BREAKDOWN_LABELS = (
     ('full_copies', 'full-precision copies (stem input, last layer)'),
     ('input_batch', 'input batch (images, labels)'),
     ('loss_gradient', 'loss gradient'),
-    ('widest_activation', 'widest layer: restored activation'),
-    ('widest_gradient_in', 'widest layer: gradient w.r.t. its input'),
+    ('widest_activation', 'widest layer: restored activation, then the '
+     'gradient w.r.t. its input (in turn)'),
     ('widest_gradient_out', 'widest layer: gradient at its conv output'),
     ('residual_gradient', 'pending residual gradient (widest residual)'),
     ('unexplained', 'unexplained (other temporaries of that layer)'),

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from blpa import checkpoint
 from blpa import layers as layers_lib
+from blpa import storage as storage_lib
 from blpa.layers import LogLoss, NLDef, SimpleData  # pylint: disable=unused-import
 
 MOMENTUM = 0.9
@@ -330,6 +331,8 @@ class Graph:
       The last convolution output.
     """
     buf, stored = None, []
+    if save:
+      stored = [self._fit_storage(tf.shape(x)[0])]
     for layer, params, storage, stats in zip(self.layers, self.params,
                                              self.saved, self.running):
       values = {k: v.read_value() for k, v in params.items()}
@@ -340,11 +343,31 @@ class Graph:
       x, buf, saved, moments = layers_lib.forward(layer, values, x, buf,
                                                   bn_stats, save)
       if save:
-        stored = [storage[k].assign(v, read_value=False)
+        stored = [_store(storage[k], v, k == 'act' and layer.bits)
                   for k, v in saved.items()]
         if moments is not None:
           _update_running(stats, moments)
     return x
+
+  def _code_variables(self):
+    """The variables that hold the K-bit codes."""
+    return [batch_variable(saved['act'])
+            for layer, saved in zip(self.layers, self.saved) if layer.bits]
+
+  def _fit_storage(self, batch):
+    """Sizes every code variable for ``batch``, all at once, if needed.
+
+    Allocated together before the first layer runs, and then written in
+    place, the codes lie side by side instead of in the holes that the
+    forward pass's temporaries leave (:mod:`blpa.storage`).  Full-precision
+    copies are assigned as usual: copying them in place would cost as many
+    bytes as the activations themselves.
+
+    Returns:
+      The op to wait on.
+    """
+    return tf.group([storage_lib.resize(var, batch)
+                     for var in self._code_variables()])
 
   def _train_forward(self, x, y):
     out = self._run_layers(x, save=True)
@@ -777,6 +800,29 @@ def per_device(initial, aggregation, shape=None):
   return tf.Variable(initial, shape=shape, trainable=False,
                      synchronization=tf.VariableSynchronization.ON_READ,
                      aggregation=aggregation)
+
+
+def batch_variable(storage):
+  """The variable behind a storage object (itself, or its ``var``)."""
+  return getattr(storage, 'var', storage)
+
+
+def _store(storage, value, in_place):
+  """Stores one saved tensor (codes ``in_place``, see :mod:`blpa.storage`).
+
+  Args:
+    storage: a variable, or a wrapper with ``assign`` (which writes in place
+      itself).
+    value: the tensor to keep.
+    in_place: write into the variable's buffer instead of adopting
+      ``value``'s.
+
+  Returns:
+    The op to wait on.
+  """
+  if in_place and isinstance(storage, tf.Variable):
+    return storage_lib.write(storage, value)
+  return storage.assign(value, read_value=False)
 
 
 def _zeros_like(var, what):

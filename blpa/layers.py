@@ -415,9 +415,14 @@ def backward(layer, params, saved, grad, rgrad, weight_decay):
            + weight_decay * kernel}
   if layer.index == 0 and not (layer.has_scale or layer.has_bias):
     return grads, None, rgrad
-  g = tf.raw_ops.Conv2DBackpropInput(
-      input_sizes=tf.shape(act), filter=kernel, out_backprop=grad,
-      strides=[1, layer.stride, layer.stride, 1], padding=layer.pad)
+  # A BN layer's restored activation is dead once the kernel gradient is
+  # computed (the BN backward reads the copy): free it before the input
+  # gradient is allocated, so one full-size tensor is alive, not two.
+  frees_act = layer.has_scale and not layer.nl.maxpool
+  with tf.control_dependencies([grads['kernel']] if frees_act else []):
+    g = tf.raw_ops.Conv2DBackpropInput(
+        input_sizes=tf.shape(act), filter=kernel, out_backprop=grad,
+        strides=[1, layer.stride, layer.stride, 1], padding=layer.pad)
   if layer.nl.avpool:
     ph, pw, _ = layer.pool_shape
     g = tf.broadcast_to(g, tf.shape(p)) / float(ph * pw)

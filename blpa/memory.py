@@ -329,12 +329,13 @@ def peak_breakdown(net, batch, peak=None):
   Resident through the step: weights, momentum, the K-bit copies and the
   full-precision copies (with their per-channel statistics), the input
   batch (float images and int32 labels) and the loss gradient.  Transient,
-  at the widest layer (largest input): its restored full-precision
-  activation, the gradient leaving it (same size), the gradient arriving
-  at its convolution output, and the pending residual gradient (the size
-  of the widest residual buffer).  Everything else at the peak (the other
-  temporaries of that layer's forward or backward: BN intermediates,
-  ReLU mask, convolution workspace) is ``unexplained``.
+  at the widest layer (largest input): one full-size tensor (its restored
+  activation, freed before the gradient leaving it is allocated, which the
+  BN backward then overwrites in place), the gradient arriving at its
+  convolution output, and the pending residual gradient (the size of the
+  widest residual buffer).  Everything else at the peak (the other
+  temporaries of that layer's forward or backward, the allocator's
+  rounding of chunks) is ``unexplained``.
 
   Args:
     net: a closed :class:`blpa.graph.Graph`.
@@ -358,7 +359,6 @@ def peak_breakdown(net, batch, peak=None):
       'input_batch': 4 * _elements(batch, net.input_shape[1:]) + 4 * batch,
       'loss_gradient': 4 * batch * net.num_classes,
       'widest_activation': act,
-      'widest_gradient_in': act,
       'widest_gradient_out': 4 * _elements(batch, widest.out_shape),
       'residual_gradient': 4 * residual,
   }

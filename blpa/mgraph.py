@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from blpa import graph
+from blpa import storage
 from blpa.layers import LogLoss, NLDef, SimpleData  # pylint: disable=unused-import
 
 SUM = tf.distribute.ReduceOp.SUM
@@ -440,7 +441,8 @@ class _Words:
       codes = tf.pad(codes, [[0, 0], [0, 0], [0, 0], [0, pad]])
     shape = tf.shape(codes)
     codes = tf.reshape(codes, tf.concat([shape[:3], [self.words, 4]], 0))
-    return self.var.assign(tf.bitcast(codes, tf.int32), read_value=read_value)
+    del read_value  # written in place (blpa.storage), as the graph's copies
+    return storage.write(self.var, tf.bitcast(codes, tf.int32))
 
   def read_value(self):
     """The stored codes, uint8 ``[N, H, W, nbytes]``."""

@@ -445,7 +445,8 @@ struct GradOutRow {
                          const float* __restrict m2,
                          const float* __restrict sigma, int64_t len,
                          uint8_t* scratch, float* __restrict y,
-                         float* __restrict gm, float* __restrict out) {
+                         float* __restrict gm, float* out) {
+    // out may be g itself (in place): g is read into gm first.
     MaskedRow<kBits, kRelu>(g, saved, t, len, scratch, y, gm);
     const float* __restrict cs = t.cs.data();
     for (int64_t k = 0; k < len; ++k) {
@@ -926,7 +927,10 @@ class GradOp : public FusedOpBase {
     CheckSaved(ctx, 1, grad.shape(), g);
     if (!ctx->status().ok()) return;
     Tensor *grad_in = nullptr, *dbias = nullptr, *dscale = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, grad.shape(), &grad_in));
+    // grad_in overwrites grad when nothing else reads it: the kernels read
+    // each element of grad (both sums first) before writing its grad_in.
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {0}, 0, grad.shape(), &grad_in));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({g.channels}),
                                              &dbias));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({g.channels}),
