@@ -8,8 +8,10 @@ One command::
 Peak memory: one training step (GradientTape + SGD momentum in tf.function,
 what ``fit`` runs), each configuration in a fresh process with the BFC
 allocator (``blpa.memory.peak_bytes``). Step time: plain and compressed
-steps interleaved in one process, medians. Largest batch: doubling, then
-bisection, of the batch whose step peaks under the cap.
+steps interleaved in one process, medians. Largest batch under the cap:
+the line through the peaks at the batch and half of it, extrapolated to
+the cap and checked in fresh processes (``bench.run.max_batch_one``), a
+bounded number of probes.
 """
 
 import argparse
@@ -21,6 +23,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if __package__ in (None, ''):  # run as a script: python bench/keras_compress.py
+  sys.path.insert(0, ROOT)
 RESULTS = os.path.join(ROOT, 'bench', 'results')
 MODELS = ('resnet164', 'resnet50v2', 'mobilenetv2')
 
@@ -101,7 +105,12 @@ def measure_peak(model, bits, batch, rblocks=18, timeout=900):
   except subprocess.TimeoutExpired:
     return None
   lines = [l for l in done.stdout.splitlines() if l.startswith('{')]
-  return json.loads(lines[-1]) if lines else None
+  got = json.loads(lines[-1]) if lines else None
+  print(f'peak {model} bits={bits} batch={batch}: '
+        f'{got and got["peak_bytes"] / 2**20:.1f} MiB' if got else
+        f'peak {model} bits={bits} batch={batch}: no result', file=sys.stderr,
+        flush=True)
+  return got
 
 
 def step_time_ratio(name, bits, batch, rblocks=18, rounds=5):
@@ -123,21 +132,56 @@ def step_time_ratio(name, bits, batch, rblocks=18, rounds=5):
   return med['plain'], med['blpa']
 
 
-def largest_batch(name, bits, cap, start, rblocks=18, limit=4096):
-  """Largest batch whose step peaks under ``cap`` bytes (doubling, bisect)."""
-  def fits(b):
-    got = measure_peak(name, bits, b, rblocks)
-    return got is not None and got['peak_bytes'] <= cap
-  lo, hi = 0, start
-  while hi <= limit and fits(hi):
-    lo, hi = hi, hi * 2
-  while hi - lo > max(1, lo // 8):
-    mid = (lo + hi) // 2
-    if fits(mid):
-      lo = mid
-    else:
-      hi = mid
-  return lo
+class _PeakRunner:
+  """The runner :func:`bench.run.max_batch_one` asks for peaks: one fresh
+  BFC process per batch."""
+
+  def __init__(self, name, bits, rblocks, timeout):
+    self.name, self.bits, self.rblocks = name, bits, rblocks
+    self.timeout = timeout
+
+  def peak(self, key, rblocks, batch, repeats=None):
+    del key, rblocks, repeats
+    got = measure_peak(self.name, self.bits, batch, self.rblocks,
+                       self.timeout)
+    return got if got else {'error': f'batch {batch}: no result (out of '
+                            f'memory or over {self.timeout} s)'}
+
+
+def line_batch(points, cap):
+  """The batch at which the line through ``(batch, peak)`` points reaches
+  ``cap`` (None without two points)."""
+  if len({p[0] for p in points}) < 2:
+    return None
+  from bench import run  # pylint: disable=import-outside-toplevel
+  intercept, slope = run._fit(points)  # pylint: disable=protected-access
+  return int((cap - intercept) // slope) if slope > 0 else None
+
+
+def largest_batch(name, bits, cap, points, rblocks=18, tries=3,
+                  timeout=900):
+  """Largest batch whose step peaks under ``cap`` bytes.
+
+  The line through the measured ``(batch, peak)`` points is extrapolated
+  to the cap and checked there in a fresh process, then refitted
+  (:func:`bench.run.max_batch_one`); at most ``tries`` probes of at most
+  ``timeout`` seconds each bound the run time.
+
+  Args:
+    name: model name (see :data:`MODELS`).
+    bits: None for plain Keras, else the bits of ``compress``.
+    cap: bytes.
+    points: measured ``(batch, peak_bytes)`` pairs (two or more).
+    rblocks: blocks per stage of the Keras ResNet.
+    tries: probes at most.
+    timeout: seconds per probe.
+
+  Returns:
+    dict: ``best`` (``{'batch', 'peak_bytes'}`` or None) and ``trials``.
+  """
+  from bench import run  # pylint: disable=import-outside-toplevel
+  runner = _PeakRunner(name, bits, rblocks, timeout)
+  return run.max_batch_one(runner, name, cap, rblocks, points, tries=tries)
 
 
 def main(argv=None):
@@ -158,6 +202,15 @@ def main(argv=None):
                       'for resnet164, 64 for the others; --quick: 32, 16)')
   parser.add_argument('--rounds', type=int, default=5,
                       help='interleaved timing rounds')
+  parser.add_argument('--no-time', action='store_true',
+                      help='skip the step-time comparison')
+  parser.add_argument('--tries', type=int, default=3,
+                      help='probes (fresh processes) per largest-batch search')
+  parser.add_argument('--probe-timeout', type=int, default=900,
+                      help='seconds per largest-batch probe')
+  parser.add_argument('--max-probe-batch', type=int, default=1024,
+                      help='largest batch probed; beyond it only this batch '
+                      'is checked (a lower bound)')
   args = parser.parse_args(argv)
   if args.peak_of:
     args.model = args.peak_of
@@ -174,23 +227,54 @@ def run_all(args):
   configs = [(n, b, 4) for n, b in zip(names, batches)]
   results = []
   for name, batch, bits in configs:
-    row = dict(model=name, batch=batch, bits=bits)
-    for key, b in (('plain', None), ('blpa', bits), ('blpa0', 0)):
-      got = measure_peak(name, b, batch, args.rblocks)
-      row[f'{key}_peak'] = got and got['peak_bytes']
-      row['weight_bytes'] = got and got['weight_bytes']
-    row['plain_s'], row['blpa_s'] = step_time_ratio(name, bits, batch,
-                                                    args.rblocks, args.rounds)
-    if not args.no_largest:
-      cap = int(args.cap_gib * 2**30)
-      row['plain_max_batch'] = largest_batch(name, None, cap, batch // 2,
-                                             args.rblocks)
-      row['blpa_max_batch'] = largest_batch(name, bits, cap,
-                                            max(row['plain_max_batch'], 8),
-                                            args.rblocks)
+    row = measure_row(name, batch, bits, args)
     print(json.dumps(row), flush=True)
     results.append(row)
   write_results(results, args)
+
+
+def _checked_at(name, bits, cap, batch, args):
+  """One probe at ``batch`` (a lower bound on the largest batch), for a
+  line that meets the cap beyond ``--max-probe-batch``."""
+  got = measure_peak(name, bits, batch, args.rblocks, args.probe_timeout)
+  peak = got and got['peak_bytes']
+  fits = bool(peak) and peak <= cap
+  return {'best': {'batch': batch, 'peak_bytes': peak} if fits else None,
+          'trials': [{'batch': batch, 'peak_bytes': peak, 'fits': fits}]}
+
+
+def measure_row(name, batch, bits, args):
+  """Peaks (at ``batch`` and half of it), step times and largest batches of
+  one model: a row of the results."""
+  row = dict(model=name, batch=batch, bits=bits)
+  half = max(batch // 2, 1)
+  for key, b in (('plain', None), ('blpa', bits), ('blpa0', 0)):
+    got = measure_peak(name, b, batch, args.rblocks)
+    row[f'{key}_peak'] = got and got['peak_bytes']
+    row['weight_bytes'] = got and got['weight_bytes']
+    if key != 'blpa0':
+      got = measure_peak(name, b, half, args.rblocks)
+      row[f'{key}_half_peak'] = got and got['peak_bytes']
+  row['half_batch'] = half
+  if not args.no_time:
+    row['plain_s'], row['blpa_s'] = step_time_ratio(name, bits, batch,
+                                                    args.rblocks, args.rounds)
+  if not args.no_largest:
+    cap = int(args.cap_gib * 2**30)
+    for key, b in (('plain', None), ('blpa', bits)):
+      points = [(p, row[k]) for p, k in ((half, f'{key}_half_peak'),
+                                          (batch, f'{key}_peak')) if row[k]]
+      line = line_batch(points, cap)
+      if line and line > args.max_probe_batch:
+        found = _checked_at(name, b, cap, args.max_probe_batch, args)
+      else:
+        found = largest_batch(name, b, cap, points, args.rblocks, args.tries,
+                              args.probe_timeout)
+      row[f'{key}_max_batch'] = found['best'] and found['best']['batch']
+      row[f'{key}_max_trials'] = found['trials']
+      row[f'{key}_max_line'] = line_batch(measured_points(row, key), cap)
+    row['cap_bytes'] = cap
+  return row
 
 
 def _mib(n):
@@ -208,6 +292,91 @@ def _merged(results):
   return [r for r in old if (r['model'], r['batch']) not in new] + results
 
 
+def _ratio(num, den, fmt='{:.1f}'):
+  return fmt.format(num / den) if num and den else 'n/a'
+
+
+def _seconds(r, key):
+  return f'{r[key]:.2f}' if r.get(key) else 'n/a'
+
+
+def _max_batch(r, key):
+  """The largest batch verified to fit, and where the line meets the cap."""
+  best, line = r.get(f'{key}_max_batch'), r.get(f'{key}_max_line')
+  if not best:
+    return 'n/a'
+  return f'{best} (line {line})' if line and line != best else f'{best}'
+
+
+def _table_line(r):
+  """One row of the Markdown table."""
+  time_ratio = _ratio(r.get('blpa_s'), r.get('plain_s'), '{:.2f}')
+  return (f"| {r['model']} | {r['batch']} | {r['bits']} | "
+          f"{_mib(r['plain_peak'])} | {_mib(r['blpa_peak'])} | "
+          f"1/{_ratio(r['plain_peak'], r['blpa_peak'])} | "
+          f"{_mib(r['blpa0_peak'])} | {_seconds(r, 'plain_s')} | "
+          f"{_seconds(r, 'blpa_s')} | {time_ratio} | "
+          f"{_max_batch(r, 'plain')} | {_max_batch(r, 'blpa')} | "
+          f"{_ratio(r.get('blpa_max_batch'), r.get('plain_max_batch'))} |")
+
+
+def measured_points(r, key):
+  """Every ``(batch, peak_bytes)`` a row measured for ``key`` ('plain' or
+  'blpa'): the batch, half of it, and the largest-batch probes."""
+  points = [(r.get('half_batch'), r.get(f'{key}_half_peak')),
+            (r['batch'], r.get(f'{key}_peak'))]
+  points += [(t['batch'], t.get('peak_bytes'))
+             for t in r.get(f'{key}_max_trials', [])]
+  return sorted({(b, p) for b, p in points if b and p})
+
+
+def per_sample(r, key):
+  """MiB per sample: the slope of the line through the measured peaks
+  (None with fewer than two batches)."""
+  points = measured_points(r, key)
+  if len({b for b, _ in points}) < 2:
+    return None
+  from bench import run  # pylint: disable=import-outside-toplevel
+  return run._fit(points)[1] / 2**20  # pylint: disable=protected-access
+
+
+def _batches(r, key):
+  return ', '.join(str(b) for b, _ in measured_points(r, key))
+
+
+def _notes(results):
+  """The lines under the table: per-sample costs and weights."""
+  slopes = [f"{r['model']} plain {per_sample(r, 'plain'):.2f} (batches "
+            f"{_batches(r, 'plain')}), blpa {per_sample(r, 'blpa'):.2f} "
+            f"({_batches(r, 'blpa')})" for r in results
+            if per_sample(r, 'plain') and per_sample(r, 'blpa')]
+  lines = ['']
+  if slopes:
+    lines += ['Per sample (MiB/sample: slope of the least-squares line '
+              'through the peaks measured at these batches; one peak varies '
+              'from run to run, so a slope needs a wide span): '
+              + '; '.join(slopes) + '.', '']
+  newest = {r['model']: r for r in results}
+  lines.append('Weights (MiB; a step also holds their gradients and '
+               'momentum): ' + ', '.join(
+                   f"{m} {_mib(r['weight_bytes'])}" for m, r in newest.items())
+               + '.')
+  caps = {r['cap_bytes'] for r in results if r.get('cap_bytes')}
+  if caps:
+    lines.append(f'Largest batch: BFC peak of one step <= '
+                 f'{max(caps) / 2**30:.0f} GiB, each probe a fresh process, '
+                 'the line through the measured peaks extrapolated to the cap '
+                 'and refitted (trials in the .json); "(line N)": where the '
+                 'line through all the peaks measured meets the cap, when it '
+                 'is not the batch verified (probes: at most --tries, none '
+                 'above --max-probe-batch). "x plain": of the verified '
+                 'batches.')
+  else:
+    lines.append('Largest batch under the cap: not measured in this run '
+                 '(--no-largest).')
+  return lines
+
+
 def write_results(results, args):
   """Writes the .json and the .md table (keeping rows of other runs)."""
   os.makedirs(RESULTS, exist_ok=True)
@@ -221,24 +390,9 @@ def write_results(results, args):
            'machine).', '',
            '| model | batch | bits | plain MiB | blpa MiB | ratio | '
            'blpa bits=0 MiB | step plain s | step blpa s | time ratio | '
-           'max batch plain | max batch blpa |',
-           '|---|---|---|---|---|---|---|---|---|---|---|---|']
-  for r in results:
-    ratio = (r['plain_peak'] / r['blpa_peak']) if r['plain_peak'] and \
-        r['blpa_peak'] else float('nan')
-    lines.append(
-        f"| {r['model']} | {r['batch']} | {r['bits']} | "
-        f"{_mib(r['plain_peak'])} | {_mib(r['blpa_peak'])} | "
-        f"1/{ratio:.1f} | {_mib(r['blpa0_peak'])} | {r['plain_s']:.2f} | "
-        f"{r['blpa_s']:.2f} | {r['blpa_s'] / r['plain_s']:.2f} | "
-        f"{r.get('plain_max_batch', 'n/a')} | "
-        f"{r.get('blpa_max_batch', 'n/a')} |")
-  lines += ['', 'Weights (MiB; a step also holds their gradients and momentum): '
-            + ', '.join(f"{r['model']} {_mib(r['weight_bytes'])}"
-                        for r in results) + '.']
-  if not any('plain_max_batch' in r for r in results):
-    lines.append('Largest batch under the cap: not measured in this run '
-                 '(--no-largest).')
+           'max batch plain | max batch blpa | max batch x plain |',
+           '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+  lines += [_table_line(r) for r in results] + _notes(results)
   with open(os.path.join(RESULTS, 'keras_compress.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))

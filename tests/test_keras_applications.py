@@ -2,14 +2,23 @@
 10 classes, weights=None) and on the Keras ResNet-164: bits=0 gradients
 equal plain Keras; bits 8 and 4 per-layer cosines (slow: minutes).
 
-Measured (batch 8 at 64x64, batch 16 for ResNet-164), bits 8 / bits 4
-cosine, weakest layer and median: ResNet50V2 0.9954 / 0.9018, medians
-0.9995 / 0.9895; MobileNetV2 0.536 (first BN's gamma) / 0.286, medians
-0.9995 / 0.9895; ResNet-164 0.9315 / 0.9118, medians 0.9797 / 0.9694.
-The thresholds below hold those figures: only ResNet50V2 meets a weakest
-layer >= 0.99 at 8 bits.
+Measured (seed 0; batch 8 at 64x64, batch 16 for ResNet-164), bits 8 /
+bits 4 cosine, weakest layer and median: ResNet50V2 0.9957 / 0.9040,
+medians 1.0000 / 0.9887; MobileNetV2 0.9551 / 0.3831, medians 1.0000 /
+0.9883; ResNet-164 0.9994 / 0.9307, medians 0.9999 / 0.9772.
+
+At 8 bits the BN codes span the batch's values (``code_widening``); with
+BLPA's ±3 range the heavy-tailed channels of ResNet-164 (normalized values
+up to 12) were clipped, which gave its 0.93. MobileNetV2's weakest layer,
+the first BN's gamma (``bn_Conv1``), is quantization-sensitive, not a bug:
+its gradient is a sum whose terms' absolute values add up to 350-29500
+times the result per channel; quantizing that layer alone (every other
+layer exact) gives it cosine 0.972, as does rounding its exact normalized
+values to the same bins in NumPy (relative error 0.23 both); its norm is
+0.15% of the whole gradient's. Hence its threshold of 0.95 at 8 bits.
 """
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -44,15 +53,15 @@ def _check(model, x, y, min8, median8):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('name,min8,median8', [('ResNet50V2', 0.99, 0.999),
-                                               ('MobileNetV2', 0.5, 0.999)])
+                                               ('MobileNetV2', 0.95, 0.999)])
 def test_application_gradients(name, min8, median8):
-  tf.random.set_seed(0)
+  keras.utils.set_random_seed(0)
   x, y = kh.batch([8, 64, 64, 3])
   _check(_application(name), x, y, min8, median8)
 
 
 @pytest.mark.slow
 def test_keras_resnet164_gradients():
-  tf.random.set_seed(0)
+  keras.utils.set_random_seed(0)
   x, y = kh.batch([16, 32, 32, 3])
-  _check(models.keras_cifar_resnet(18), x, y, 0.9, 0.975)
+  _check(models.keras_cifar_resnet(18), x, y, 0.99, 0.999)

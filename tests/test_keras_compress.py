@@ -161,3 +161,36 @@ def test_sequential_model():
   x, y = kh.batch([4, 6, 6, 3])
   (_, g0, _), (_, g1, _) = kh.compare(model, compress(model, 0), x, y)
   kh.assert_same_gradients(g0, g1)
+
+
+def _bn_copy(bits, z):
+  """A BatchNormCopy (BN + ReLU, batch statistics) of ``z`` and its BN
+  output."""
+  from blpa.keras import wrappers  # pylint: disable=import-outside-toplevel
+  layer = keras.layers.BatchNormalization()
+  layer.build(z.shape)
+  h, mean, variance, gamma, beta = wrappers.bn_forward(layer, z, True)
+  return wrappers.BatchNormCopy(layer, 'relu', bits, z, h, mean, variance,
+                                gamma, beta, True), h
+
+
+def test_bits8_codes_span_the_batch_without_clipping():
+  """An outlier 25 normalized units out (a deep ResNet's channels reach 12):
+  BLPA's ±3 range clips it at 4 bits; at 8 bits the codes widen to the
+  batch's values and restore every value within half a bin. A channel
+  within ±3 keeps BLPA's range."""
+  rng = np.random.default_rng(0)
+  z = np.stack([rng.standard_normal([64, 4, 4]),
+                rng.uniform(-1, 1, [64, 4, 4])], axis=-1).astype(np.float32)
+  z[0, 0, 0, 0] = 40.0
+  z = tf.constant(z)
+  copy8, h = _bn_copy(8, z)
+  err8 = np.abs(copy8.restore().numpy() - tf.nn.relu(h).numpy())
+  widen = copy8.widen.numpy()
+  assert widen[0] > 3.5 and widen[1] == 1.0
+  half_bin = 6.0 / 2**8 / 2 * widen
+  assert np.all(err8.max(axis=(0, 1, 2)) <= half_bin * 1.001)
+  copy4, _ = _bn_copy(4, z)
+  assert copy4.widen is None
+  err4 = np.abs(copy4.restore().numpy() - tf.nn.relu(h).numpy())
+  assert err4[0, 0, 0, 0] > 5.0                # clipped near 3

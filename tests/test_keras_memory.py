@@ -41,8 +41,10 @@ def test_depth_doubling_grows_peak_by_copies_and_weights_only():
   Slow (not in the default suite) because it is schedule-dependent: on the
   idle machine the same configuration peaked at 49.0-51.5 MB (rblocks 2)
   and 51.5-62.3 MB (rblocks 4) from run to run, so this bound held in about
-  half the runs. The compressed model's backward ordering does not yet pin
-  the peak; see the issue 10 note.
+  half the runs. The order of the layers' backward passes is not the
+  cause: chaining every backward function after the one before (a control
+  dependency in tape order) left the variation as it was (rblocks 4:
+  54.4 and 60.7 MB; rblocks 2: 49.7-50.2 MB). See docs/keras.md.
 
   Resident growth: the added layers' 4-bit copies, and their weights three
   times (weights, gradients, momentum): 5 MiB. One full-size tensor of

@@ -94,6 +94,30 @@ class MinMax:
     return x
 
 
+class Padded:
+  """The copy of a ZeroPadding2D output: its input's copy, padded again on
+  restore (the zeros cost nothing, and a BN+ReLU's codes serve the padded
+  tensor too).
+
+  Args:
+    inner: the codec of the padding layer's input.
+    padding: ``((top, bottom), (left, right))`` (channels_last).
+  """
+
+  def __init__(self, inner, padding):
+    self.inner = inner
+    self.bits = inner.bits
+    (top, bottom), (left, right) = padding
+    self.paddings = [[0, 0], [top, bottom], [left, right], [0, 0]]
+
+  def restore(self):
+    return tf.pad(self.inner.restore(), self.paddings)
+
+  def tensors(self):
+    """The inner copy's tensors."""
+    return self.inner.tensors()
+
+
 def make(x, bits):
   """A codec of ``x``: :class:`Exact` at ``bits=0`` (or when ``x`` cannot be
   quantized), else :class:`MinMax`."""

@@ -38,8 +38,11 @@ class _Run:
     """The shared compact copy of a KerasTensor's value."""
     key = id(kt)
     if key not in self.copies:
+      padded = plan_lib.padding_of(kt)
       if self.parent is not None and key in self.parent[1]:
         self.copies[key] = self.parent[0].copy_of(self.parent[1][key])
+      elif padded is not None:
+        self.copies[key] = codecs.Padded(self.copy_of(padded[0]), padded[1])
       elif key in self.exact_ids:
         self.copies[key] = codecs.Exact(self.values[key])
       else:

@@ -209,6 +209,24 @@ def _node_step(op, node, consumers, outputs, bits):
   return Step('generic', node, reason=reason)
 
 
+def padding_of(kt):
+  """``(input, padding)`` when a KerasTensor is the output of a
+  channels_last ZeroPadding2D (a 4-D input), else None."""
+  history = getattr(kt, '_keras_history', None)
+  op = history and history.operation
+  if type(op) is not L.ZeroPadding2D or op.data_format != 'channels_last':
+    return None
+  node = op._inbound_nodes[history.node_index]  # pylint: disable=protected-access
+  return node.input_tensors[0], op.padding
+
+
+def unpadded(kt):
+  """The tensor whose copy serves ``kt`` (through ZeroPadding2D layers)."""
+  while padding_of(kt) is not None:
+    kt = padding_of(kt)[0]
+  return kt
+
+
 def _consumers(functional):
   """id(KerasTensor) -> list of nodes that take it."""
   out = {}

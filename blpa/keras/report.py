@@ -77,6 +77,10 @@ def rows(compressed, batch_size):
       size = codecs.mask_bytes(_shape(kt, batch_size)) * batch_size
     for kt in _copy_needs(step):
       kt = links.get(id(kt), kt)
+      inner = links.get(id(plan_lib.unpadded(kt)), plan_lib.unpadded(kt))
+      if inner is not kt:
+        keeps += '; input padded from the copy of its ZeroPadding2D input'
+        kt = inner
       if id(kt) in copied:
         continue
       copied.add(id(kt))

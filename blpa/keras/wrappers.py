@@ -62,16 +62,54 @@ def bn_forward(layer, z, batch_stats):
   return ops.cast(out, layer.compute_dtype), mean, variance, gamma, beta
 
 
+#: Bits at which BN codes span the batch's values (:func:`code_widening`).
+WIDENED_BITS = (8,)
+#: Normalized half-range the codes cover for any offset (DESIGN.md's
+#: quantizer spans about ±3, less up to two bins at the edges).
+_CODE_HALF_RANGE = 3.0
+
+
+def code_widening(h, beta, scale, bits):
+  """Per-channel factor (>= 1) on ``scale`` so that codes do not clip.
+
+  BLPA's codes span about ±3 in normalized units: at 8 bits, clipping the
+  batch's larger values (a heavy-tailed channel reaches 12 in a deep
+  ResNet) is most of the error of the gradients, while the bins are fine
+  enough to afford a wider span. At 4 bits the coarser bins of a wider span
+  cost more than the clipping, so the range stays BLPA's.
+
+  Args:
+    h: the BN output (before any activation).
+    beta: the offset ``[C]``.
+    scale: ``max(|gamma|, 1e-8)`` ``[C]``.
+    bits: 4 or 8.
+
+  Returns:
+    float32 ``[C]`` (None when the range is not widened at these bits).
+  """
+  if bits not in WIDENED_BITS:
+    return None
+  axes = list(range(h.shape.rank - 1))
+  # max |h - beta| from the extremes: no full-size temporary.
+  reach = tf.maximum(tf.reduce_max(h, axis=axes) - beta,
+                     beta - tf.reduce_min(h, axis=axes)) / scale
+  span = _CODE_HALF_RANGE - 2.0 * 6.0 / 2**bits
+  return tf.maximum(reach / span, 1.0)
+
+
 class BatchNormCopy:
   """What a BN (+ ReLU) keeps: K-bit codes of its output, or its input.
 
   At ``bits`` 4 or 8, the codes of ``a = h / cs`` with offset ``c = beta /
   cs`` and ``cs = max(|gamma|, 1e-8)`` (DESIGN.md, "What each layer
   saves"): the ReLU mask ``h > 0`` is exact; ReLU6 adds a packed mask of
-  ``h < 6``. At ``bits=0``, the exact input ``z`` (one copy) and the
-  statistics, from which the output is recomputed with the same op.
-  The object is also the codec of the activation's output for the layers
-  that take it (:meth:`restore`).
+  ``h < 6``. The codes span about ±3 in normalized units; at 8 bits
+  ``cs`` is widened per channel (:func:`code_widening`) so that they span
+  the batch's largest normalized value instead of clipping it. At
+  ``bits=0``, the exact input ``z`` (one copy) and the statistics, from
+  which the output is recomputed with the same op. The object is also the
+  codec of the activation's output for the layers that take it
+  (:meth:`restore`).
   """
 
   def __init__(self, layer, act, bits, z, h, mean, variance, gamma, beta,
@@ -86,15 +124,19 @@ class BatchNormCopy:
     self.mean, self.variance = mean, variance
     self.inv_sigma = tf.math.rsqrt(variance + self.epsilon)
     if bits:
-      self.cs = tf.maximum(tf.abs(self.gamma), _SCALE_MIN)
+      scale = tf.maximum(tf.abs(self.gamma), _SCALE_MIN)
+      self.widen = code_widening(h, self.beta, scale, bits)
+      self.cs = scale if self.widen is None else scale * self.widen
       self.sign = tf.where(self.gamma < 0, -1.0, 1.0)
       self.offset = self.beta / self.cs
       self.codes = quant.save_act(codecs.as_4d(h) / self.cs, self.offset, bits)
       self.upper = codecs.pack_mask(h < 6.0) if act == 'relu6' else None
-      # blpa.fused's one-pass kernels fit 4-D BN (+ ReLU) on batch stats.
+      # blpa.fused's one-pass kernels fit 4-D BN (+ ReLU) on batch stats;
+      # its backward takes codes of exactly normalized values (no widening).
       self.fused = fused is not None and z.shape.rank == 4 and batch_stats
+      self.fused_grad = self.fused and self.widen is None
     else:
-      self.fused = False
+      self.fused = self.fused_grad = False
       self.z = z
 
   def normalized(self):
@@ -103,6 +145,8 @@ class BatchNormCopy:
       approx, lower = quant.restore_act(self.codes, self.offset, self.bits)
       approx = tf.reshape(approx, self.shape)
       y_norm = self.sign * (approx - self.offset)
+      if self.widen is not None:
+        y_norm = y_norm * self.widen
       h = approx * self.cs
       masks = [tf.reshape(lower, self.shape)] if self.act else []
       if self.upper is not None:
@@ -128,7 +172,7 @@ class BatchNormCopy:
 
   def grad(self, dout):
     """``(dz, dgamma, dbeta)`` from the gradient of the output."""
-    if self.fused:
+    if self.fused_grad:
       if self.upper is not None:  # ReLU6: the upper mask, then as ReLU
         dout = tf.where(codecs.unpack_mask(*self.upper), dout, 0.0)
       dz, dbeta, dscale = fused.bn_relu_grad(
