@@ -366,16 +366,25 @@ def test_recalibrate_batch_norm():
 
 
 def test_experiment_compare_runs():
-  """The lockstep comparison reports counted MACs, times and accuracies."""
+  """The lockstep comparison reports counted MACs, times, accuracies, the
+  exact tail and the selection statistics."""
   from blpa.approx import experiments
   x_train, y_train, x_test, y_test = experiments.digits()
   data = (x_train[:256], y_train[:256], x_test[:64], y_test[:64])
   rows = experiments.compare("mlp", lambda: nets.mlp(64, (32, 32)), data, 1,
-                             64, 0.05, skip=None, ratios=(1.0, 0.5))
-  assert [r["ratio"] for r in rows] == [1.0, 0.5]
+                             64, 0.05, skip=None,
+                             arms=[(1.0, 0.0), (0.5, 0.0), (0.5, 0.5)])
+  assert [(r["ratio"], r["exact_tail"]) for r in rows] == [
+      (1.0, 0.0), (0.5, 0.0), (0.5, 0.5)]
   assert rows[0]["macs_saved"] == 0 and rows[1]["macs_saved"] == 0.5
+  assert [r["exact_tail_steps"] for r in rows] == [0, 0, 2]
+  assert rows[2]["schedule_macs_saved"] == pytest.approx(0.5 * 2 / 4)
   assert all(r["steps"] == 4 and r["step_time_s"] > 0 and
-             0 <= r["test_accuracy"] <= 1 for r in rows)
+             r["schedule_speedup"] > 0 and 0 <= r["test_accuracy"] <= 1
+             for r in rows)
+  assert rows[1]["selection"]["steps"] == 2
+  assert "selection" not in rows[2]
+  assert "| 0.5, exact last 50% |" in "\n".join(experiments._table(rows))
 
 
 @pytest.mark.slow

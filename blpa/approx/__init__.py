@@ -12,6 +12,10 @@ the README section "Approximate tensor operations".
 - :mod:`blpa.approx.distributed`: compressed all-reduce for ``weight_topk``.
 - :mod:`blpa.approx.calibrate`: BN statistics from exact passes, for the
   exact evaluation of a network trained with sampling.
+- :mod:`blpa.approx.phases`: train the final steps exactly (the remedy
+  for topk's exact-evaluation gap, ``docs/approx.md``).
+- :mod:`blpa.approx.selection`: which channels sampling selects ("rich get
+  richer").
 - :mod:`blpa.approx.macs`: multiply-adds a training step computes.
 - ``python -m blpa.approx.experiments``: the experiments beside exact
   training (``bench/results/approx.md``).
@@ -19,7 +23,8 @@ the README section "Approximate tensor operations".
 
 from blpa.approx.convert import approximate
 from blpa.approx.layers import ApproxConv2D, ApproxDense
+from blpa.approx.phases import ExactFinalEpochs
 from blpa.approx.sampling import num_samples, sampled_matmul
 
-__all__ = ["ApproxDense", "ApproxConv2D", "approximate", "num_samples",
-           "sampled_matmul"]
+__all__ = ["ApproxDense", "ApproxConv2D", "approximate", "ExactFinalEpochs",
+           "num_samples", "sampled_matmul"]

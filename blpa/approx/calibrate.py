@@ -2,8 +2,8 @@
 
 A network trained with sampled layers accumulates its BatchNormalization
 moving statistics from sampled forward passes, while evaluation is exact:
-the statistics do not fit the exact activations (topk drops channels
-without rescaling, so the sums shrink). :func:`recalibrate_batch_norm`
+the statistics do not fit the exact activations (the exact sums also hold
+the channels topk left out, docs/approx.md). :func:`recalibrate_batch_norm`
 recomputes them from a few exact forward passes over training batches, the
 "precise BN" of Wu & Johnson (2021), before evaluation.
 """

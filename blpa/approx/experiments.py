@@ -2,23 +2,29 @@
 
 Usage::
 
-    python -m blpa.approx.experiments                 # ~15 min on 2 cores
+    python -m blpa.approx.experiments                 # ~16 min on 2 cores
     python -m blpa.approx.experiments --quick         # a smoke run
 
 For each network (the 64-500-500-10 MLP on scikit-learn's bundled digits,
 all three layers sampled; a WRN-16-4 for 3 epochs and a WRN-10-2 for 10
 epochs on the digits upsampled to 32×32×3, first conv and last dense exact)
-the exact model and its copies at sample ratios 0.5 and 0.33 (topk, forward
-mode) start from the same weights and train in lockstep on the same batches
-with the same schedule (SGD, momentum 0.9, cosine learning rate). Each step
-runs the models in rotating order, so that the wall times per step (medians)
-are measured side by side. Reported: multiply-adds per training step
-(counted per product actually run, :mod:`blpa.approx.macs`), median step
-time, speed-up, final test accuracy (exact evaluation, after the BN
-statistics are recomputed from 20 exact training batches; the raw accuracy
-too). A subprocess on 2 logical CPU devices measures the all-reduce buffer
-of the WRN-16-4 at ratio 1/3 with ``weight_topk``, full against compressed,
-and checks that both give the same gradients.
+the exact model and its copies (topk, forward mode) start from the same
+weights and train in lockstep on the same batches with the same schedule
+(SGD, momentum 0.9, cosine learning rate). The copies sample at ratios 0.5
+and 0.33 and train the final ``--exact-tail`` share of the steps exactly
+(:mod:`blpa.approx.phases`); the MLP and the WRN-10-2 also have a ratio-0.5
+copy that samples to the end. Each step runs the models in rotating order,
+so that the wall times per step (medians) are measured side by side.
+Reported: multiply-adds per sampled step and over the schedule (counted per
+product actually run, :mod:`blpa.approx.macs`), median sampled step time,
+its speed-up and the whole schedule's (each phase's median against the
+exact model's steps in the same window), final test
+accuracy (exact evaluation, after the BN statistics are recomputed from 20
+exact training batches; the raw accuracy too), and for the first ratio-0.5
+copy which channels it selected (:mod:`blpa.approx.selection`). A subprocess
+on 2 logical CPU devices measures the all-reduce buffer of the WRN-16-4 at
+ratio 1/3 with ``weight_topk``, full against compressed, and checks that
+both give the same gradients.
 
 Writes ``approx.md``, ``approx.json`` and ``approx.png`` (accuracy against
 multiply-adds) to ``--out`` (default ``bench/results``).
@@ -36,6 +42,7 @@ import numpy as np
 __all__ = ["main"]
 
 RATIOS = (1.0, 0.5, 0.33)
+EXACT_TAIL = 0.2  # share of final steps trained exactly (docs/approx.md)
 
 
 def digits(image_size=None, seed=0):
@@ -64,40 +71,59 @@ def digits(image_size=None, seed=0):
 
 
 class _Trainer:
-  """A model, its optimizer and a compiled training step."""
+  """A model, its optimizer and compiled training steps (sampled, exact)."""
 
   def __init__(self, model, learning_rate):
     import keras  # pylint: disable=import-outside-toplevel
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
     self.model = model
     self.optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9)
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    self.loss_fn = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True)
+    self.step = self._make_step()
+    self.exact_step = None
+    self.times = []
+    self.exact_times = []
+    self.exact_from = None
+    self.recorder = None
+
+  def _make_step(self):
+    """A new ``tf.function`` training step (traced at its first call)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    model = self.model
 
     @tf.function
     def step(x, y):
       with tf.GradientTape() as tape:
-        loss = loss_fn(y, model(x, training=True))
+        loss = self.loss_fn(y, model(x, training=True))
       grads = tape.gradient(loss, model.trainable_variables)
       self.optimizer.apply_gradients(zip(grads, model.trainable_variables))
       return loss
 
-    self.step = step
-    self.predict = tf.function(lambda x: model(x, training=False))
-    self.times = []
+    return step
 
-  def timed_step(self, x, y):
+  def timed_step(self, x, y, exact=False):
+    """One training step; exact=True runs the sampled layers exactly."""
+    from blpa.approx.calibrate import exact_layers  # pylint: disable=import-outside-toplevel
+    if not exact:
+      if self.recorder is not None and len(self.times) % 2 == 0:
+        self.recorder.record(x)
+      return self._timed(self.step, x, y, self.times)
+    if self.exact_step is None:
+      self.exact_step = self._make_step()
+    with exact_layers(self.model):
+      return self._timed(self.exact_step, x, y, self.exact_times)
+
+  @staticmethod
+  def _timed(step, x, y, times):
     start = time.perf_counter()
-    loss = float(self.step(x, y))
-    self.times.append(time.perf_counter() - start)
+    loss = float(step(x, y))
+    times.append(time.perf_counter() - start)
     return loss
 
   def accuracy(self, x, y):
-    return float(np.mean(np.argmax(self.predict(x).numpy(), 1) == y))
-
-  @staticmethod
-  def accuracy_of(model, x, y):
     """Accuracy of an eager exact evaluation."""
-    return float(np.mean(np.argmax(model(x, training=False).numpy(), 1) == y))
+    return float(np.mean(np.argmax(self.model(x, training=False).numpy(), 1)
+                         == y))
 
 
 def _cosine(lr, total):
@@ -107,6 +133,9 @@ def _cosine(lr, total):
 
 def _train_lockstep(trainers, x_train, y_train, epochs, batch, rng):
   """One step of every trainer per batch, in rotating order.
+
+  A trainer whose ``exact_from`` is set runs its steps from that index on
+  with exact products.
 
   Returns:
     ``(last losses, number of batches)``.
@@ -119,13 +148,50 @@ def _train_lockstep(trainers, x_train, y_train, epochs, batch, rng):
       idx = order[start:start + batch]
       shift = count % len(trainers)
       for i in list(range(shift, len(trainers))) + list(range(shift)):
-        losses[i] = trainers[i].timed_step(x_train[idx], y_train[idx])
+        exact = trainers[i].exact_from is not None and \
+            count >= trainers[i].exact_from
+        losses[i] = trainers[i].timed_step(x_train[idx], y_train[idx], exact)
       count += 1
   return losses, count
 
 
-def compare(name, build, data, epochs, batch, lr, skip, ratios=RATIOS,
-            seed=0, calib=20, sampler="topk"):
+def _median(times, drop):
+  """Median of times after the first ``drop`` (tracing) calls, if any are
+  left (else of all; None when there are none)."""
+  kept = times[drop:] or times
+  return float(np.median(kept)) if kept else None
+
+
+def _timing(trainer, exact_times):
+  """Median sampled step, its speed-up, and the whole schedule's speed-up.
+
+  Each phase (sampled steps, then exact-tail steps) is timed against the
+  exact model's steps of the same window, run interleaved with it: the
+  schedule's time is the number of steps of each phase times its median.
+
+  Args:
+    trainer: the sampled model's trainer.
+    exact_times: the exact model's step times, one per step.
+
+  Returns:
+    dict of medians (s), speed-ups and the number of exact-tail steps.
+  """
+  sampled = len(trainer.times)
+  tail = len(trainer.exact_times)
+  step_time = _median(trainer.times, 2)
+  exact_sampled = _median(exact_times[:sampled], 2)
+  exact_tail = _median(exact_times[sampled:], 0)
+  tail_time = _median(trainer.exact_times, 1)
+  exact_total = sampled * exact_sampled + tail * (exact_tail or 0.0)
+  total = sampled * step_time + tail * (tail_time or 0.0)
+  return dict(step_time_s=step_time, exact_step_time_s=exact_sampled,
+              speedup=exact_sampled / step_time, exact_tail_steps=tail,
+              tail_step_time_s=tail_time, exact_tail_window_s=exact_tail,
+              schedule_speedup=exact_total / total)
+
+
+def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
+            calib=20, sampler="topk", track_ratio=0.5):
   """Trains the exact model and its sampled copies in lockstep.
 
   Args:
@@ -136,49 +202,64 @@ def compare(name, build, data, epochs, batch, lr, skip, ratios=RATIOS,
     batch: batch size (the last partial batch is dropped).
     lr: peak learning rate (cosine decay to 0).
     skip: ``skip`` argument of :func:`blpa.approx.approximate`.
-    ratios: sample ratios (1 is the exact model itself).
+    arms: ``(sample_ratio, exact_tail)`` pairs: the copies trained, each
+      sampling at its ratio except for the final ``exact_tail`` share of the
+      steps (:mod:`blpa.approx.phases`); ratio 1 is the exact model itself.
+      Default: ratios 1, 0.5, 0.33 without a tail.
     seed: seed of the weights and of the batch order.
     calib: training batches of exact forward passes that set the BN
-      statistics before the (exact) test evaluation, for every ratio.
+      statistics before the (exact) test evaluation, for every arm.
     sampler: the sampler of the approximate copies (forward mode).
+    track_ratio: the first arm at this ratio records which channels it
+      selects (:class:`blpa.approx.selection.SelectionRecorder`, every
+      second sampled step); None records nothing.
 
   Returns:
-    A list of result dicts, one per ratio.
+    A list of result dicts, one per arm.
   """
   import keras  # pylint: disable=import-outside-toplevel
-  from blpa.approx import approximate, macs  # pylint: disable=import-outside-toplevel
+  from blpa.approx import approximate, macs, phases  # pylint: disable=import-outside-toplevel
   from blpa.approx.calibrate import recalibrate_batch_norm  # pylint: disable=import-outside-toplevel
+  from blpa.approx.selection import SelectionRecorder  # pylint: disable=import-outside-toplevel
+  arms = arms or [(r, 0.0) for r in RATIOS]
   x_train, y_train, x_test, y_test = data
   keras.utils.set_random_seed(seed)
   base = build()
   steps = epochs * (len(y_train) // batch)
-  models = [base if r == 1.0 else approximate(base, r, skip=skip,
-                                              sampler=sampler, seed=seed)
-            for r in ratios]
-  trainers = [_Trainer(m, _cosine(lr, steps)) for m in models]
+  trainers = []
+  for ratio, tail in arms:
+    model = base if ratio == 1.0 else approximate(base, ratio, skip=skip,
+                                                  sampler=sampler, seed=seed)
+    trainer = _Trainer(model, _cosine(lr, steps))
+    if ratio < 1.0:
+      trainer.exact_from = steps - phases.exact_steps(steps, tail)
+      if ratio == track_ratio and sampler in ("topk", "weight_topk") and \
+          not any(t.recorder for t in trainers):
+        trainer.recorder = SelectionRecorder(model)
+    trainers.append(trainer)
   losses, count = _train_lockstep(trainers, x_train, y_train, epochs, batch,
                                   np.random.default_rng(seed))
-  calibrated = []
-  for trainer in trainers:
+  exact_macs = macs.training_macs(base, batch)["total"]
+  rows = []
+  for (ratio, tail), trainer, loss in zip(arms, trainers, losses):
     raw = trainer.accuracy(x_test, y_test)
     recalibrate_batch_norm(trainer.model, [x_train[i:i + batch] for i in
                                            range(0, calib * batch, batch)])
-    calibrated.append((raw, _Trainer.accuracy_of(trainer.model, x_test,
-                                                 y_test)))
-  exact_macs = macs.training_macs(models[0], batch)["total"]
-  exact_time = float(np.median(trainers[0].times[2:]))
-  rows = []
-  for ratio, trainer, loss, (raw, recal) in zip(ratios, trainers, losses,
-                                               calibrated):
     step_macs = macs.training_macs(trainer.model, batch)["total"]
-    step_time = float(np.median(trainer.times[2:]))
-    rows.append(dict(
-        experiment=name, ratio=ratio, sampler=sampler if ratio < 1 else
-        "exact", steps=count, batch=batch,
-        macs_per_step=int(step_macs), macs_saved=1 - step_macs / exact_macs,
-        step_time_s=step_time, speedup=exact_time / step_time,
+    saved = 1 - step_macs / exact_macs
+    row = dict(
+        experiment=name, ratio=ratio, exact_tail=tail if ratio < 1 else 0.0,
+        sampler=sampler if ratio < 1 else "exact", steps=count, batch=batch,
+        macs_per_step=int(step_macs), macs_saved=saved,
+        schedule_macs_saved=saved * (1 - phases.exact_steps(steps, tail) /
+                                     steps) if ratio < 1 else 0.0,
         final_loss=float(loss), test_accuracy_raw=raw,
-        test_accuracy=recal, calibration_batches=calib))
+        test_accuracy=trainer.accuracy(x_test, y_test),
+        calibration_batches=calib)
+    row.update(_timing(trainer, trainers[0].times))
+    if trainer.recorder is not None:
+      row["selection"] = trainer.recorder.summary()
+    rows.append(row)
   return rows
 
 
@@ -254,16 +335,46 @@ def _communication_subprocess(args):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _arm(r):
+  """The arm's label: its ratio, and its exact tail if it has one."""
+  tail = f", exact last {100 * r['exact_tail']:g}%" if r["exact_tail"] else ""
+  return f"{r['ratio']:g}{tail}"
+
+
 def _table(rows):
-  lines = ["| experiment | ratio | GMACs/step | MACs saved | step (ms) | "
-           "speed-up | test acc. (BN recal.) | test acc. (raw) |",
+  lines = ["| experiment | ratio | GMACs/sampled step | MACs saved (step / "
+           "schedule) | step (ms) | speed-up (step / schedule) | test acc. "
+           "(BN recal.) | test acc. (raw) |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(
-        f"| {r['experiment']} | {r['ratio']:g} | {r['macs_per_step'] / 1e9:.3f}"
-        f" | {100 * r['macs_saved']:.1f}% | {1e3 * r['step_time_s']:.1f} | "
-        f"{r['speedup']:.2f}× | {100 * r['test_accuracy']:.1f}% | "
+        f"| {r['experiment']} | {_arm(r)} | {r['macs_per_step'] / 1e9:.3f}"
+        f" | {100 * r['macs_saved']:.1f}% / "
+        f"{100 * r['schedule_macs_saved']:.1f}% | "
+        f"{1e3 * r['step_time_s']:.1f} | {r['speedup']:.2f}× / "
+        f"{r['schedule_speedup']:.2f}× | {100 * r['test_accuracy']:.1f}% | "
         f"{100 * r['test_accuracy_raw']:.1f}% |")
+  return lines
+
+
+def _selection_table(rows):
+  """Rich get richer: how concentrated the selected channels are."""
+  lines = ["| experiment | ratio | steps recorded | Gini (same k always) | "
+           "entropy / log n (same k always) | never selected | selections to the k most "
+           "selected | kernel-slice norm growth, k most / others | kernel-slice "
+           "change ‖ΔW‖/‖W₀‖, k most / others |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "selection" not in r:
+      continue
+    m = r["selection"]["mean"]
+    lines.append(
+        f"| {r['experiment']} | {_arm(r)} | {r['selection']['steps']} | "
+        f"{m['gini']:.2f} ({m['gini_fixed_set']:.2f}) | {m['entropy']:.3f} "
+        f"({m['entropy_fixed_set']:.3f}) | "
+        f"{100 * m['never']:.1f}% | {100 * m['top_k_share']:.1f}% | "
+        f"{m['norm_growth_often']:.2f}× / {m['norm_growth_rare']:.2f}× | "
+        f"{m['change_often']:.3f} / {m['change_rare']:.3f} |")
   return lines
 
 
@@ -276,12 +387,12 @@ def _plot(rows, path):
   fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6))
   for ax, name in zip(np.atleast_1d(axes), names):
     sub = [r for r in rows if r["experiment"] == name]
-    ax.plot([r["macs_per_step"] / 1e9 for r in sub],
-            [100 * r["test_accuracy"] for r in sub], "o-")
-    for r in sub:
-      ax.annotate(f"r={r['ratio']:g}", (r["macs_per_step"] / 1e9,
-                                        100 * r["test_accuracy"]))
-    ax.set_xlabel("GMACs per training step")
+    gmacs = [r["macs_per_step"] / 1e9 * (1 - r["schedule_macs_saved"]) /
+             (1 - r["macs_saved"]) for r in sub]
+    ax.plot(gmacs, [100 * r["test_accuracy"] for r in sub], "o")
+    for r, x in zip(sub, gmacs):
+      ax.annotate(f"r={_arm(r)}", (x, 100 * r["test_accuracy"]), fontsize=7)
+    ax.set_xlabel("GMACs per training step, schedule average")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(name)
     ax.grid(alpha=0.3)
@@ -305,7 +416,13 @@ def write_results(result, out):
             f"{comm['compressed_bytes'] / 1e6:.2f} MB "
             f"({100 * comm['saved']:.1f}% less); gradients bit-identical: "
             f"{comm['bit_identical']}.", "",
-            "![accuracy against multiply-adds](approx.png)", ""]
+            "![accuracy against multiply-adds](approx.png)", "",
+            "Rich get richer: which input channels topk forward sampling "
+            "selected (mean over the sampled layers; recorded every second "
+            "sampled step; Gini 0 and entropy 1 are an even rotation, the "
+            "values in brackets those of always keeping the same k "
+            "channels).", ""]
+  lines += _selection_table(result["rows"]) + [""]
   with open(os.path.join(out, "approx.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
   _plot(result["rows"], os.path.join(out, "approx.png"))
@@ -321,6 +438,9 @@ def _parser():
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--depth", type=int, default=16)
   parser.add_argument("--width", type=int, default=4)
+  parser.add_argument("--exact-tail", type=float, default=EXACT_TAIL,
+                      help="share of the final steps that the sampled "
+                      "models train exactly (blpa.approx.phases)")
   parser.add_argument("--quick", action="store_true",
                       help="a smoke run: tiny WRN, one epoch each")
   parser.add_argument("--comm-only", action="store_true",
@@ -339,23 +459,32 @@ def main(argv=None):
   from blpa.approx import nets  # pylint: disable=import-outside-toplevel
   load = os.getloadavg()[0]
   started = time.time()
+  tail = args.exact_tail
+  with_plain = [(1.0, 0.0), (0.5, 0.0), (0.5, tail), (0.33, tail)]
   rows = compare("MLP 64-500-500-10, digits", nets.mlp, digits(),
-                 args.mlp_epochs, 64, 0.05, skip=None)
+                 args.mlp_epochs, 64, 0.05, skip=None, arms=with_plain)
   images = digits(32)
   wrn = f"WRN-{args.depth}-{args.width}, {args.wrn_epochs} epochs"
   rows += compare(wrn, lambda: nets.wide_resnet(args.depth, args.width),
-                  images, args.wrn_epochs, args.batch, 0.05, skip="ends")
+                  images, args.wrn_epochs, args.batch, 0.05, skip="ends",
+                  arms=[(1.0, 0.0), (0.5, tail), (0.33, tail)])
   small = f"WRN-10-2, {args.small_epochs} epochs"
   rows += compare(small, lambda: nets.wide_resnet(10, 2), images,
-                  args.small_epochs, args.batch, 0.05, skip="ends")
+                  args.small_epochs, args.batch, 0.05, skip="ends",
+                  arms=with_plain)
   comm = _communication_subprocess(args)
   result = dict(
       command=" ".join(["python -m blpa.approx.experiments"] + list(
           argv if argv is not None else sys.argv[1:])),
       setup=(f"MLP {args.mlp_epochs} epochs batch 64, WRNs batch "
              f"{args.batch}; images: the digits upsampled to 32×32×3; topk "
-             "forward sampling; BN statistics recalibrated with 20 exact "
-             "training batches before the exact test evaluation; TF "
+             "forward sampling; SGD momentum 0.9, cosine learning rate from "
+             "0.05; 'exact last N%': the sampled model trains its final N% "
+             "of steps exactly; step = median sampled step, schedule = the "
+             "whole run, each phase (sampled, exact tail) at its median "
+             "against the exact model's steps of the same window; BN "
+             "statistics recalibrated with 20 exact training batches "
+             "before the exact test evaluation; TF "
              f"oneDNN={os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default')}; "
              f"load average {load:.1f} at start, "
              f"{os.getloadavg()[0]:.1f} at end (shared machine); "

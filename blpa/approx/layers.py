@@ -89,6 +89,37 @@ class _ApproxMixin:
             sampling.num_samples(batch, self.sample_ratio, self.minimal_k) <
             batch)
 
+  def selected_indices(self, inputs):
+    """Indices of the input features/channels a training call would keep.
+
+    For the deterministic samplers (``topk``, ``weight_topk``) in forward or
+    blackbox mode: the same selection as a training call on the same inputs
+    with the same weights (``inputs`` as the layer receives them).
+
+    Args:
+      inputs: the layer's input tensor.
+
+    Returns:
+      A sorted int32 vector of k indices (all n when k == n).
+    """
+    if self.mode == "backward" or self.sampler in sampling.RANDOM_SAMPLERS:
+      raise ValueError(
+          f"{self.name}: selected_indices needs a deterministic sampler in "
+          f"forward or blackbox mode, got mode={self.mode!r}, "
+          f"sampler={self.sampler!r}")
+    n = self.kernel.shape[self.kernel_in_axis]
+    if self.num_kept() >= n:
+      return tf.range(n, dtype=tf.int32)
+    x = tf.reshape(inputs, [-1, n]) if self.kernel_in_axis == 0 else inputs
+    op = modes_lib.LinearOp(None, x_axis=len(x.shape) - 1,
+                            w_in_axis=self.kernel_in_axis,
+                            w_out_axis=len(self.kernel.shape) - 1,
+                            y_out_axis=len(x.shape) - 1)
+    indices, _ = modes_lib.forward_sample(
+        op, x, tf.convert_to_tensor(self.kernel), self.num_kept(),
+        self.sampler)
+    return indices
+
   def _uniform(self, n, k):
     """Uniform draws for a sample of k out of n (None: deterministic)."""
     shape = sampling.uniform_shape(self.sampler, n, k)

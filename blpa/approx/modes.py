@@ -33,8 +33,8 @@ import tensorflow as tf
 
 from blpa.approx import sampling
 
-__all__ = ["MODES", "LinearOp", "forward_sampled", "blackbox",
-           "backward_sampled", "batch_num_samples"]
+__all__ = ["MODES", "LinearOp", "forward_sample", "forward_sampled",
+           "blackbox", "backward_sampled", "batch_num_samples"]
 
 MODES = ("forward", "backward", "blackbox")
 
@@ -73,6 +73,23 @@ def _vjp(op, x, w, g, wrt):
   return tape.gradient(y, x if wrt == "x" else w, output_gradients=g)
 
 
+def forward_sample(op, x, w, k, sampler, uniform=None):
+  """The input features that forward sampling keeps, and their scales.
+
+  Args:
+    op, x, w, k, sampler, uniform: as :func:`forward_sampled`.
+
+  Returns:
+    ``(indices, scales)`` as :func:`blpa.approx.sampling.draw` returns them.
+  """
+  w_norms = sampling.column_norms(w, op.w_in_axis)
+  if sampler == "weight_topk":
+    scores = w_norms
+  else:
+    scores = sampling.column_norms(x, op.x_axis) * w_norms
+  return sampling.draw(sampler, scores, k, uniform)
+
+
 def forward_sampled(op, x, w, k, sampler, uniform=None):
   """Forward-mode sampled ``op.apply(x, w)`` over k of the input features.
 
@@ -87,12 +104,7 @@ def forward_sampled(op, x, w, k, sampler, uniform=None):
   Returns:
     The estimate of ``op.apply(x, w)``; differentiable through the sample.
   """
-  w_norms = sampling.column_norms(w, op.w_in_axis)
-  if sampler == "weight_topk":
-    scores = w_norms
-  else:
-    scores = sampling.column_norms(x, op.x_axis) * w_norms
-  indices, scales = sampling.draw(sampler, scores, k, uniform)
+  indices, scales = forward_sample(op, x, w, k, sampler, uniform)
   w_kept = _scale_along(tf.gather(w, indices, axis=op.w_in_axis), scales,
                         op.w_in_axis)
   return op.apply(tf.gather(x, indices, axis=op.x_axis), w_kept)
