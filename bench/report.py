@@ -335,6 +335,9 @@ def markdown(results):
         '(`--headline`); the other rows of the sweeps below are from the run '
         f'of {results.get("sweep_date", "an earlier run").replace("T", " ")} '
         '(— : not measured there).', '']
+  for key, date in sorted(results.get('methods_memory_dates', {}).items()):
+    lines += [f'All rows of {common.LABELS[key]} were re-measured on '
+              f'{date.replace("T", " ")} (`--methods`).', '']
   lines += [
       f'## Peak memory against depth (batch {cfg["depth_batch"]})', '',
       _sweep_table(results, 'rblocks'), '',

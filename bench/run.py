@@ -468,9 +468,14 @@ def main(argv=None):
     if args.headline and results.get('memory'):
       results.setdefault('sweep_date', previous_date)
       results['headline_memory_date'] = dates['memory']
+    elif args.methods and results.get('memory'):
+      results.setdefault('sweep_date', previous_date)
+      results.setdefault('methods_memory_dates', {}).update(
+          {key: dates['memory'] for key in args.methods})
     elif not partial:
-      results.pop('sweep_date', None)
-      results.pop('headline_memory_date', None)
+      for key in ('sweep_date', 'headline_memory_date',
+                  'methods_memory_dates'):
+        results.pop(key, None)
     results['memory'] = (merge_memory(results.get('memory'), measured)
                          if partial else measured)
     results['predicted_saved'] = predicted_saved(cfg)
