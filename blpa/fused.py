@@ -42,8 +42,7 @@ for _op in ('BlpaBnMoments', 'BlpaBnReluForward', 'BlpaBnReluRestore', 'BlpaBnRe
 
 def _lib():
   """The native library if it has the fused ops, else None."""
-  lib = native.library()
-  return lib if lib is not None and hasattr(lib, 'blpa_bn_relu_grad') else None
+  return native.library_with('blpa_bn_relu_grad')
 
 
 def _check_nbits(nbits):

@@ -62,6 +62,19 @@ def library():
     return _lib
 
 
+def library_with(op_name):
+  """The loaded library if it has ``op_name``, else None.
+
+  A library built from older sources lacks the newer ops; their callers
+  then use their fallbacks.
+
+  Args:
+    op_name: the op's Python name in the library, e.g. ``'blpa_bn_relu_grad'``.
+  """
+  lib = library()
+  return lib if lib is not None and hasattr(lib, op_name) else None
+
+
 def reset_for_tests():
   """Forgets the chosen backend so that the next call chooses again."""
   global _lib, _loaded

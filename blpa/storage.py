@@ -29,8 +29,7 @@ __all__ = ['resize', 'write']
 
 def _lib():
   """The native library if it has the ops, else None."""
-  lib = native.library()
-  return lib if lib is not None and hasattr(lib, 'blpa_resize_variable') else None
+  return native.library_with('blpa_resize_variable')
 
 
 def _on_cpu(var):
