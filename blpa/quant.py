@@ -31,6 +31,7 @@ from blpa import native
 
 __all__ = [
     "save_act",
+    "save_scaled_act",
     "restore_act",
     "packed_channels",
     "compact_bytes",
@@ -41,7 +42,7 @@ _NBITS = (4, 8)
 _EPS = np.float32(1e-6)
 _FLT_MIN = np.finfo(np.float32).tiny  # smallest normal float32
 
-for _op in ("BlpaSaveAct", "BlpaRestoreAct"):
+for _op in ("BlpaSaveAct", "BlpaSaveScaledAct", "BlpaRestoreAct"):
   try:
     tf.no_gradient(_op)
   except KeyError:  # already registered (module reloaded)
@@ -241,6 +242,15 @@ def save_act(act, offset, nbits):
   Raises:
     ValueError: bad nbits, or statically known shapes that do not fit.
   """
+  nbits, act, offset, channels = _save_args(act, offset, nbits)
+  lib = _native_lib()
+  if lib is not None:
+    return lib.blpa_save_act(act, offset, nbits=nbits)
+  return _save_act_tf(act, offset, nbits, channels)
+
+
+def _save_args(act, offset, nbits):
+  """Checked ``(nbits, act, offset, static C or None)`` of a save."""
   nbits = _check_nbits(nbits)
   act = _as_float32(act)
   offset = tf.convert_to_tensor(offset, dtype=tf.float32)
@@ -253,11 +263,41 @@ def save_act(act, offset, nbits):
     raise ValueError(
         f"offset length ({channels}) must equal the number of channels C "
         f"of act ({act_channels}); act shape {act.shape}")
-  lib = _native_lib()
-  if lib is not None:
-    return lib.blpa_save_act(act, offset, nbits=nbits)
-  return _save_act_tf(act, offset, nbits,
-                      channels if channels is not None else act_channels)
+  return nbits, act, offset, channels if channels is not None else act_channels
+
+
+def save_scaled_act(act, scale, offset, nbits):
+  """``save_act(act / scale, offset, nbits)`` without the quotient tensor.
+
+  The native CPU op ``BlpaSaveScaledAct`` divides row by row (the same IEEE
+  division as ``act / scale``), so no full-size temporary is allocated.
+  Without the native library, or when a GPU is present (the op has no GPU
+  kernel), it is ``save_act(act / scale, offset, nbits)``: the same codes.
+
+  Args:
+    act: float32 tensor ``[N, H, W, C]``.
+    scale: float32 tensor ``[C]``, the per-channel divisor.
+    offset: float32 tensor ``[C]``, the per-channel offset.
+    nbits: 4 or 8 (Python int).
+
+  Returns:
+    uint8 tensor ``[N, H, W, ceil(C*nbits/8)]``, as :func:`save_act`.
+
+  Raises:
+    ValueError: bad nbits, or statically known shapes that do not fit.
+  """
+  nbits, act, offset, channels = _save_args(act, offset, nbits)
+  scale = tf.convert_to_tensor(scale, dtype=tf.float32)
+  _check_rank(scale, 1, "scale")
+  if (channels is not None and scale.shape[0] is not None and
+      scale.shape[0] != channels):
+    raise ValueError(
+        f"scale length ({scale.shape[0]}) must equal the number of channels "
+        f"C of act ({channels}); act shape {act.shape}")
+  lib = native.library_with("blpa_save_scaled_act")
+  if lib is None or tf.config.list_logical_devices("GPU"):
+    return save_act(act / scale, offset, nbits)
+  return lib.blpa_save_scaled_act(act, offset, scale, nbits=nbits)
 
 
 def restore_act(codes, offset, nbits):

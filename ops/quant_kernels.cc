@@ -1,4 +1,4 @@
-// Kernels of BlpaSaveAct / BlpaRestoreAct (registration: quant_ops.cc; math:
+// Kernels of BlpaSaveAct / BlpaRestoreAct / BlpaSaveScaledAct (registration: quant_ops.cc; math:
 // quant_common.h). CPU kernels run over pixels on TF's intra-op thread pool;
 // GPU kernels (quant_kernels.cu.cc) are registered when built with
 // GOOGLE_CUDA.
@@ -294,18 +294,30 @@ void ForEachPixelRange(OpKernelContext* ctx, const Geometry& g, int64_t group,
       });
 }
 
+// Codes of act, or of act / scale when `scale` ([C]) is not null: each
+// row's quotient goes through a row of scratch, never a full-size tensor.
 template <int kBits>
 void SaveActCpu(OpKernelContext* ctx, const float* act, const float* offset,
-                uint8_t* codes, const Geometry& g) {
+                const float* scale, uint8_t* codes, const Geometry& g) {
   const int64_t channels = g.channels, bytes = g.bytes;
   const int64_t group = GroupPixels(channels, kBits);
   const ChannelTables<kBits> tables(offset, channels, group);
   const SaveRowFn<kBits> save_row = PickSaveRow<kBits>();
   ForEachPixelRange(ctx, g, group, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> row(kBits == 4 ? channels * group : 0);
+    std::vector<float> quotient(scale != nullptr ? channels * group : 0);
     for (int64_t p = begin; p < end; p += group) {
       const int64_t n = std::min(group, end - p);
-      save_row(act + p * channels, tables, channels, n * channels, row.data(),
+      const float* a = act + p * channels;
+      if (scale != nullptr) {
+        for (int64_t j = 0; j < n; ++j) {
+          for (int64_t k = 0; k < channels; ++k) {
+            quotient[j * channels + k] = a[j * channels + k] / scale[k];
+          }
+        }
+        a = quotient.data();
+      }
+      save_row(a, tables, channels, n * channels, row.data(),
                codes + p * bytes);
     }
   });
@@ -337,9 +349,9 @@ struct Impl<CPUDevice> {
   static void Save(OpKernelContext* ctx, int nbits, const float* act,
                    const float* offset, uint8_t* codes, const Geometry& g) {
     if (nbits == 4) {
-      SaveActCpu<4>(ctx, act, offset, codes, g);
+      SaveActCpu<4>(ctx, act, offset, nullptr, codes, g);
     } else {
-      SaveActCpu<8>(ctx, act, offset, codes, g);
+      SaveActCpu<8>(ctx, act, offset, nullptr, codes, g);
     }
   }
   static void Restore(OpKernelContext* ctx, int nbits, const uint8_t* codes,
@@ -386,6 +398,21 @@ struct Impl<GPUDevice> {
 // ---------------------------------------------------------------------------
 // Op kernels: validation and allocation, then Impl<Device>.
 
+// Checks of a save (act [N,H,W,C], offset [C]) and the allocation of codes
+// [N,H,W,B]. Check ctx->status() afterwards.
+void PrepareSave(OpKernelContext* ctx, const Geometry* g, Tensor** codes) {
+  const Tensor& act = ctx->input(0);
+  const Tensor& offset = ctx->input(1);
+  OP_REQUIRES(ctx, offset.dim_size(0) == g->channels,
+              errors::InvalidArgument(
+                  "offset length (", offset.dim_size(0),
+                  ") must equal the number of channels C of act (",
+                  g->channels, "); act shape ", act.shape().DebugString()));
+  TensorShape out_shape = act.shape();
+  out_shape.set_dim(3, g->bytes);
+  OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, codes));
+}
+
 template <typename Device>
 class SaveActOp : public QuantOpBase {
  public:
@@ -395,21 +422,42 @@ class SaveActOp : public QuantOpBase {
     Geometry g;
     Prepare(ctx, "act", /*channels_from_data=*/true, &g);
     if (!ctx->status().ok()) return;
-    const Tensor& act = ctx->input(0);
-    const Tensor& offset = ctx->input(1);
-    OP_REQUIRES(ctx, offset.dim_size(0) == g.channels,
-                errors::InvalidArgument(
-                    "offset length (", offset.dim_size(0),
-                    ") must equal the number of channels C of act (",
-                    g.channels, "); act shape ", act.shape().DebugString()));
-    TensorShape out_shape = act.shape();
-    out_shape.set_dim(3, g.bytes);
     Tensor* codes = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &codes));
-    if (g.pixels == 0) return;
-    Impl<Device>::Save(ctx, nbits_, act.flat<float>().data(),
-                       offset.flat<float>().data(),
+    PrepareSave(ctx, &g, &codes);
+    if (!ctx->status().ok() || g.pixels == 0) return;
+    Impl<Device>::Save(ctx, nbits_, ctx->input(0).flat<float>().data(),
+                       ctx->input(1).flat<float>().data(),
                        codes->flat<uint8_t>().data(), g);
+  }
+};
+
+// BlpaSaveScaledAct (CPU): SaveActOp's checks, and scale [C].
+class SaveScaledActOp : public QuantOpBase {
+ public:
+  using QuantOpBase::QuantOpBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    Geometry g;
+    Prepare(ctx, "act", /*channels_from_data=*/true, &g);
+    if (!ctx->status().ok()) return;
+    const Tensor& scale = ctx->input(2);
+    OP_REQUIRES(ctx, scale.dims() == 1 && scale.dim_size(0) == g.channels,
+                errors::InvalidArgument(
+                    "scale must have shape [C] with C = ", g.channels,
+                    " (channels of act ", ctx->input(0).shape().DebugString(),
+                    "); got ", scale.shape().DebugString()));
+    Tensor* codes = nullptr;
+    PrepareSave(ctx, &g, &codes);
+    if (!ctx->status().ok() || g.pixels == 0) return;
+    const float* a = ctx->input(0).flat<float>().data();
+    const float* c = ctx->input(1).flat<float>().data();
+    const float* s = scale.flat<float>().data();
+    uint8_t* q = codes->flat<uint8_t>().data();
+    if (nbits_ == 4) {
+      SaveActCpu<4>(ctx, a, c, s, q, g);
+    } else {
+      SaveActCpu<8>(ctx, a, c, s, q, g);
+    }
   }
 };
 
@@ -449,6 +497,9 @@ REGISTER_KERNEL_BUILDER(Name("BlpaSaveAct").Device(::tensorflow::DEVICE_CPU),
 REGISTER_KERNEL_BUILDER(
     Name("BlpaRestoreAct").Device(::tensorflow::DEVICE_CPU),
     RestoreActOp<CPUDevice>);
+REGISTER_KERNEL_BUILDER(
+    Name("BlpaSaveScaledAct").Device(::tensorflow::DEVICE_CPU),
+    SaveScaledActOp);
 
 #if GOOGLE_CUDA
 // All inputs and outputs, offset included, live in device memory.

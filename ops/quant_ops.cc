@@ -87,6 +87,23 @@ absl::Status SaveActShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
+// SaveActShape, and scale (input 2) of rank 1 and length C where known.
+absl::Status SaveScaledActShape(InferenceContext* c) {
+  TF_RETURN_IF_ERROR(SaveActShape(c));
+  ShapeHandle scale;
+  TF_RETURN_IF_ERROR(InputWithRank(c, 2, 1, "scale", &scale));
+  DimensionHandle channels = c->Dim(c->input(0), 3);
+  DimensionHandle length = c->Dim(scale, 0);
+  if (c->ValueKnown(channels) && c->ValueKnown(length) &&
+      c->Value(channels) != c->Value(length)) {
+    return errors::InvalidArgument(
+        "scale length (", c->Value(length),
+        ") must equal the number of channels C of act (", c->Value(channels),
+        ")");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status RestoreActShape(InferenceContext* c) {
   int nbits;
   ShapeHandle codes, out;
@@ -117,6 +134,17 @@ REGISTER_OP("BlpaSaveAct")
     .Output("codes: uint8")
     .Attr("nbits: int")
     .SetShapeFn(blpa::SaveActShape);
+
+// BlpaSaveScaledAct: the codes of act / scale (scale [C], per channel, IEEE
+// float division), with the per-channel offset [C]: equal to
+// BlpaSaveAct(act / scale, offset) without the full-size quotient. CPU only.
+REGISTER_OP("BlpaSaveScaledAct")
+    .Input("act: float")
+    .Input("offset: float")
+    .Input("scale: float")
+    .Output("codes: uint8")
+    .Attr("nbits: int")
+    .SetShapeFn(blpa::SaveScaledActShape);
 
 // BlpaRestoreAct: unpacks codes [N,H,W,B] with offset [C] and returns
 // approx = (float(q - shift) + 0.5f) * (6.0f/n) (float32 [N,H,W,C]) and

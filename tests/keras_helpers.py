@@ -100,7 +100,7 @@ def mixed_model():
   x = L.Add()([a, c])
   x = L.Concatenate()([x, L.ReLU()(b)])
   x = L.Activation('swish')(x)                              # generic
-  x = L.SeparableConv2D(16, 3, padding='same')(x)           # generic
+  x = L.SeparableConv2D(16, 3, padding='same', depth_multiplier=2)(x)
   x = L.MaxPooling2D(2)(x)
   x = L.Cropping2D(((0, 1), (1, 0)))(x)
   x = L.LayerNormalization()(x)                             # generic

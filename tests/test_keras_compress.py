@@ -14,6 +14,8 @@ from blpa.keras import compress, report
 from blpa.keras.report import rows
 from tests import keras_helpers as kh
 
+L = keras.layers
+
 
 @pytest.fixture(scope='module')
 def resnet():
@@ -62,9 +64,33 @@ def test_every_layer_kind_bits0_equals_keras_and_bits8_is_close():
   # measured 0.994 for the weakest layer.
   assert min(kh.cosines(g0, g8)) >= 0.99
   kinds = {r['kind'] for r in rows(compress(model, 4), 6)}
-  assert {'bn_act', 'conv2d', 'depthwise', 'dense', 'relu', 'add', 'concat',
+  assert {'bn_act', 'conv2d', 'depthwise', 'separable', 'dense', 'relu',
+          'add', 'concat',
           'zeropad', 'crop', 'reshape', 'maxpool_mask', 'avgpool', 'dropout',
           'model', 'generic'} <= kinds
+
+
+def test_separable_conv_strided_and_dilated():
+  """Strided SeparableConv2D takes the analytic path (bits 0: Keras's
+  gradients); a dilated one the generic path, with the reason."""
+  tf.random.set_seed(2)
+  inp = keras.Input((9, 9, 4))
+  x = L.SeparableConv2D(6, 3, strides=2, depth_multiplier=2)(inp)
+  x = L.BatchNormalization()(x)
+  x = L.ReLU()(x)
+  x = L.SeparableConv2D(6, 3, padding='same', dilation_rate=2,
+                        use_bias=False)(x)
+  x = L.GlobalAveragePooling2D()(x)
+  model = keras.Model(inp, L.Dense(10)(x))
+  x, y = kh.batch([5, 9, 9, 4], seed=2)
+  (_, g0, _), (_, g1, _) = kh.compare(model, compress(model, 0), x, y)
+  kh.assert_same_gradients(g0, g1)
+  (_, _, _), (_, g8, _) = kh.compare(model, compress(model, 8), x, y)
+  assert min(kh.cosines(g0, g8)) >= 0.99
+  table = rows(compress(model, 4), 5)
+  assert [r['kind'] for r in table if 'separable' in r['layer']] == [
+      'separable', 'generic']
+  assert 'dilated separable convolution' in report(compress(model, 4), 5)
 
 
 def test_dropout_gradient_uses_the_forward_mask():

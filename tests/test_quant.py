@@ -515,3 +515,62 @@ def test_native_required():
         f"{[str(w.message) for w in caught]}")
   elif got != "native":
     pytest.skip(f"native library not built ({quant._so_path()})")
+
+
+# ---------------------------------------------------------------------------
+# save_scaled_act: the codes of act / scale without the quotient tensor.
+
+
+def scales(rng, channels):
+  """Positive per-channel divisors, with tiny and large ones."""
+  s = np.exp(rng.normal(size=channels)).astype(np.float32)
+  special = np.array([1e-8, 1.0, 3e5, 0.5], np.float32)
+  pick = rng.random(channels) < 0.3
+  s[pick] = special[rng.integers(0, len(special), size=pick.sum())]
+  return s
+
+
+@pytest.mark.parametrize("nbits", NBITS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_save_scaled_matches_save_of_quotient(shape, nbits):
+  rng = np.random.default_rng(sum(shape) + nbits)
+  act, offset = activations(rng, shape, nbits), offsets(rng, shape[-1])
+  scale = scales(rng, shape[-1])
+  want = ref_pack(ref_codes(act / scale, offset, nbits), nbits)
+  native, python = run_both(
+      lambda: quant.save_scaled_act(act, scale, offset, nbits).numpy())
+  assert_bit_equal(native, want)
+  assert_bit_equal(python, want)
+
+
+def test_save_scaled_makes_no_quotient_tensor():
+  """Natively, one op and no full-size division in the graph."""
+  with use_backend("native"):
+    graph = tf.function(lambda a, s, c: quant.save_scaled_act(a, s, c, 4)
+                        ).get_concrete_function(
+                            tf.TensorSpec([8, 4, 4, 6]), tf.TensorSpec([6]),
+                            tf.TensorSpec([6])).graph
+  types = [op.type for op in graph.get_operations()]
+  assert "BlpaSaveScaledAct" in types and "RealDiv" not in types, types
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_save_scaled_rejects_bad_scale(backend):
+  with use_backend(backend):
+    with pytest.raises(ValueError, match=r"scale length \(3\) must equal"):
+      quant.save_scaled_act(ACT, np.ones(3, np.float32), OFF, 4)
+    with pytest.raises(ValueError, match=r"scale must have rank 1"):
+      quant.save_scaled_act(ACT, np.ones((5, 1), np.float32), OFF, 4)
+
+
+def test_save_scaled_kernel_rejects_bad_scale():
+  lib = native_lib()
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r"scale must have shape \[C\] with C = 5"):
+    lib.blpa_save_scaled_act(ACT, OFF, np.ones(4, np.float32), nbits=4)
+  traced = tf.function(
+      lambda a, c, s: lib.blpa_save_scaled_act(a, c, s, nbits=8),
+      input_signature=[tf.TensorSpec(ACT.shape), tf.TensorSpec([5]),
+                       tf.TensorSpec([4])])
+  with pytest.raises(ValueError, match=r"scale length \(4\) must equal"):
+    traced.get_concrete_function()

@@ -61,6 +61,41 @@ def depthwise_conv2d(layer, x_shape, x, kernel, dy):
   return dx, dk
 
 
+def separable_conv2d(layer, x_shape, x, kernels, dy):
+  """SeparableConv2D (channels_last, no dilation), as
+  ``tf.nn.separable_conv2d`` computes it: a depthwise convolution, then a
+  1x1 convolution. The depthwise output, which the pointwise kernel's
+  gradient needs, is recomputed from ``x``.
+
+  Args:
+    layer: the ``keras.layers.SeparableConv2D``.
+    x_shape: int32 shape of the input.
+    x: the (restored) input, or None when the kernels are not trained.
+    kernels: ``[depthwise, pointwise]`` read in the forward pass.
+    dy: gradient of the output (before the bias add).
+
+  Returns:
+    ``(dx, [ddepthwise, dpointwise])`` (kernel gradients None when ``x`` is
+    None).
+  """
+  depthwise, pointwise = kernels
+  args = dict(strides=_strides(layer.strides), padding=layer.padding.upper(),
+              dilations=[1, 1, 1, 1])
+  point = dict(strides=[1, 1, 1, 1], padding='VALID', dilations=[1, 1, 1, 1])
+  ddepth = dpoint = None
+  mid_shape = tf.concat([tf.shape(dy)[:3], tf.shape(pointwise)[2:3]], 0)
+  if x is not None:
+    mid = tf.raw_ops.DepthwiseConv2dNative(input=x, filter=depthwise, **args)
+    dpoint = tf.raw_ops.Conv2DBackpropFilter(
+        input=mid, filter_sizes=tf.shape(pointwise), out_backprop=dy, **point)
+  with _after(dpoint):
+    dmid = tf.raw_ops.Conv2DBackpropInput(input_sizes=mid_shape,
+                                          filter=pointwise, out_backprop=dy,
+                                          **point)
+  dx, ddepth = depthwise_conv2d(layer, x_shape, x, depthwise, dmid)
+  return dx, [ddepth, dpoint]
+
+
 def dense(x_shape, x, kernel, dy):
   """Dense on inputs of any rank ``[..., in]``; as :func:`conv2d`."""
   out_dim = tf.shape(kernel)[1]

@@ -68,10 +68,6 @@ def _filled(node, values, training):
   return args, kwargs
 
 
-def _kernel_trained(layer):
-  return layer.trainable and layer.kernel.trainable
-
-
 def _run_step(step, run, training, plan):
   """Runs one node; returns its flat outputs (or None for 'act_done')."""
   node, op = step.node, step.node.operation
@@ -88,8 +84,9 @@ def _run_step(step, run, training, plan):
     run.values[id(final)] = out
     run.copies[id(final)] = copy
     return [out]
-  if kind in ('conv2d', 'depthwise', 'dense'):
-    codec = run.copy_of(node.input_tensors[0]) if _kernel_trained(op) else None
+  if kind in plan_lib.LINEAR_KINDS:
+    codec = run.copy_of(node.input_tensors[0]) if plan_lib.kernels_trained(
+        kind, op) else None
     return [wrappers.run_linear(kind, op, xs[0], codec)]
   if kind == 'relu':
     return [wrappers.run_masked(op, xs[0], wrappers.relu_keep(step.act))]

@@ -16,6 +16,8 @@ L = keras.layers
 #: Layers whose backward pass needs no stored activation at all.
 SHAPE_KINDS = ('add', 'concat', 'zeropad', 'crop', 'reshape', 'gap',
                'avgpool')
+#: Layers with kernels and an analytic backward (:func:`kernels_of`).
+LINEAR_KINDS = ('conv2d', 'depthwise', 'separable', 'dense')
 #: Max pools: argmax from the restored input, or from a 1-bit mask.
 MAX_POOL_KINDS = ('maxpool', 'maxpool_mask')
 
@@ -26,7 +28,8 @@ class Step:
 
   Attributes:
     kind: ``'bn_act'``, ``'act_done'`` (a ReLU run by the BN before it),
-      ``'conv2d'``, ``'depthwise'``, ``'dense'``, ``'relu'``, ``'maxpool'``,
+      ``'conv2d'``, ``'depthwise'``, ``'separable'``, ``'dense'``,
+      ``'relu'``, ``'maxpool'``,
       ``'dropout'``, one of :data:`SHAPE_KINDS`, ``'model'`` (a nested
       functional model), ``'generic'`` or ``'ordinary'``.
     node: the Keras node.
@@ -92,13 +95,30 @@ def _plain_weights(op):
   return ''
 
 
+def kernels_of(kind, layer):
+  """The kernels of a layer of one of :data:`LINEAR_KINDS`."""
+  if kind == 'separable':
+    return [layer.depthwise_kernel, layer.pointwise_kernel]
+  return [layer.kernel]
+
+
+def kernels_trained(kind, layer):
+  """Whether a linear layer's kernels are trained (its input is then
+  kept for their gradients)."""
+  return layer.trainable and all(k.trainable for k in kernels_of(kind, layer))
+
+
+_CONV_KINDS = {L.Conv2D: 'conv2d', L.DepthwiseConv2D: 'depthwise',
+               L.SeparableConv2D: 'separable'}
+
+
 def _conv_reason(op):
   if op.data_format != 'channels_last':
     return 'channels_first'
   if getattr(op, 'groups', 1) != 1:
     return 'grouped convolution'
-  if isinstance(op, L.DepthwiseConv2D) and max(op.dilation_rate) > 1:
-    return 'dilated depthwise convolution'
+  if not isinstance(op, L.Conv2D) and max(op.dilation_rate) > 1:
+    return f'dilated {_CONV_KINDS[type(op)]} convolution'
   return _plain_weights(op)
 
 
@@ -187,11 +207,10 @@ def _node_step(op, node, consumers, outputs, bits):
         'bn_act', node)
   if not _float32(node):
     return Step('ordinary', node, reason='input dtype is not float32')
-  if isinstance(op, (L.Conv2D, L.DepthwiseConv2D)) and type(op) in (
-      L.Conv2D, L.DepthwiseConv2D):
+  if type(op) in _CONV_KINDS:
     reason = _conv_reason(op)
     if not reason:
-      return Step('conv2d' if type(op) is L.Conv2D else 'depthwise', node)
+      return Step(_CONV_KINDS[type(op)], node)
   elif isinstance(op, L.Dense) and type(op) is L.Dense:
     reason = _plain_weights(op)
     if not reason:

@@ -12,6 +12,8 @@ EAGER_NOTE = (
 _WHAT = {
     'conv2d': 'analytic Conv2D backward',
     'depthwise': 'analytic DepthwiseConv2D backward',
+    'separable': 'analytic SeparableConv2D backward (depthwise output '
+                 'recomputed)',
     'dense': 'analytic Dense backward',
     'maxpool': 'MaxPoolGrad on the restored input',
     'maxpool_mask': 'argmax mask (1 bit per input value)',
@@ -41,10 +43,9 @@ def _outer_links(steps):
 
 def _copy_needs(step):
   """KerasTensors whose compact copy a step's backward reads."""
-  if step.kind in ('conv2d', 'depthwise', 'dense'):
-    layer = step.layer
-    return list(step.node.input_tensors[:1]) if layer.trainable and \
-        layer.kernel.trainable else []
+  if step.kind in plan_lib.LINEAR_KINDS:
+    trained = plan_lib.kernels_trained(step.kind, step.layer)
+    return list(step.node.input_tensors[:1]) if trained else []
   if step.kind in ('maxpool', 'generic'):
     return list(step.node.input_tensors)
   return []

@@ -18,7 +18,7 @@ try:  # one-pass BN+ReLU kernels, when the package has them
   from blpa import fused
 except ImportError:  # pragma: no cover
   fused = None
-from blpa.keras import backward, codecs
+from blpa.keras import backward, codecs, plan as plan_lib
 from blpa.keras.gradient import custom_op, trainable_of
 
 _SCALE_MIN = np.float32(1e-8)
@@ -129,7 +129,8 @@ class BatchNormCopy:
       self.cs = scale if self.widen is None else scale * self.widen
       self.sign = tf.where(self.gamma < 0, -1.0, 1.0)
       self.offset = self.beta / self.cs
-      self.codes = quant.save_act(codecs.as_4d(h) / self.cs, self.offset, bits)
+      self.codes = quant.save_scaled_act(codecs.as_4d(h), self.cs,
+                                            self.offset, bits)
       self.upper = codecs.pack_mask(h < 6.0) if act == 'relu6' else None
       # blpa.fused's one-pass kernels fit 4-D BN (+ ReLU) on batch stats;
       # its backward takes codes of exactly normalized values (no widening).
@@ -231,33 +232,43 @@ def run_bn_act(layer, act_layer, act, z, bits, batch_stats):
 # Layers with weights whose gradients need their input.
 
 
+def _linear_backward(kind, layer, x_shape, x, kernels, dy):
+  """``(dx, kernel gradients)`` of a layer of ``plan.LINEAR_KINDS``."""
+  if kind == 'separable':
+    return backward.separable_conv2d(layer, x_shape, x, kernels, dy)
+  if kind == 'dense':
+    dx, dk = backward.dense(x_shape, x, kernels[0], dy)
+  else:
+    fn = backward.conv2d if kind == 'conv2d' else backward.depthwise_conv2d
+    dx, dk = fn(layer, x_shape, x, kernels[0], dy)
+  return dx, [dk]
+
+
 def run_linear(kind, layer, x, codec):
-  """Conv2D, DepthwiseConv2D or Dense with an analytic backward.
+  """Conv2D, DepthwiseConv2D, SeparableConv2D or Dense with an analytic
+  backward.
 
   Args:
-    kind: ``'conv2d'``, ``'depthwise'`` or ``'dense'``.
+    kind: one of ``plan.LINEAR_KINDS``.
     layer: the Keras layer.
     x: its input.
-    codec: the compact copy of ``x`` (None if the kernel is frozen).
+    codec: the compact copy of ``x`` (None if the kernels are frozen).
   """
   has_bias = getattr(layer, 'use_bias', False) and layer.bias is not None
-  weights = trainable_of([layer.kernel, layer.bias if has_bias else None])
+  variables = plan_lib.kernels_of(kind, layer)
+  weights = trainable_of(variables + [layer.bias if has_bias else None])
 
   def forward(xs):
     out = codecs.after(layer(xs[0]),
                        codec.tensors() if codec is not None else [])
-    kernel = tf.convert_to_tensor(layer.kernel)
+    kernels = [tf.convert_to_tensor(v) for v in variables]
     x_shape = tf.shape(xs[0])
 
     def grad(douts):
       dout = douts[0]
       x_kept = _after(douts, codec.restore) if codec is not None else None
-      if kind == 'dense':
-        dx, dk = backward.dense(x_shape, x_kept, kernel, dout)
-      else:
-        fn = backward.conv2d if kind == 'conv2d' else backward.depthwise_conv2d
-        dx, dk = fn(layer, x_shape, x_kept, kernel, dout)
-      by_var = {id(layer.kernel): dk}
+      dx, dks = _linear_backward(kind, layer, x_shape, x_kept, kernels, dout)
+      by_var = {id(v): dk for v, dk in zip(variables, dks)}
       if has_bias:
         by_var[id(layer.bias)] = backward.bias(dout)
       return [dx], [by_var[id(v)] for v in weights]
