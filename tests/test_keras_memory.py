@@ -38,6 +38,15 @@ def _growth(bits, mode, batch=16):
   return {key: large[key] - small[key] for key in small}, small, large
 
 
+def _assert_grows_by_copies_and_weights(mode):
+  """rblocks 2 -> 4 at bits 4 grows the peak by at most the added copies,
+  3x the added weights and one 16x32x32x64 float32 tensor."""
+  growth, _, _ = _growth(4, mode)
+  resident = growth['kept'] + 3 * growth['weights']
+  largest = 16 * 32 * 32 * 64 * 4
+  assert growth['peak'] <= resident + largest, (growth, resident)
+
+
 def test_depth_doubling_grows_peak_by_copies_and_weights_only():
   """ResNet-20 -> ResNet-38 (rblocks 2 -> 4), batch 16, bits 4, with TF's
   single-threaded executor, which runs the step's ops in one fixed order:
@@ -48,10 +57,7 @@ def test_depth_doubling_grows_peak_by_copies_and_weights_only():
   size (16x32x32x64 float32, 4 MiB) for the schedule; plain Keras grows by
   53 MiB here (the added layers' activations).
   """
-  growth, _, _ = _growth(4, 'single')
-  resident = growth['kept'] + 3 * growth['weights']
-  largest = 16 * 32 * 32 * 64 * 4
-  assert growth['peak'] <= resident + largest, (growth, resident)
+  _assert_grows_by_copies_and_weights('single')
 
 
 @pytest.mark.slow
@@ -73,10 +79,7 @@ def test_depth_doubling_default_executor():
   schedule. Measured here: peak +4.8 to +5.5 MiB; plain Keras grows by
   54 MiB (the added layers' activations).
   """
-  growth, _, _ = _growth(4, 'function')
-  resident = growth['kept'] + 3 * growth['weights']
-  largest = 16 * 32 * 32 * 64 * 4
-  assert growth['peak'] <= resident + largest, (growth, resident)
+  _assert_grows_by_copies_and_weights('function')
 
 
 @pytest.mark.slow
