@@ -103,9 +103,9 @@ def kernels_of(kind, layer):
 
 
 def kernels_trained(kind, layer):
-  """Whether a linear layer's kernels are trained (its input is then
+  """Whether a linear layer trains any of its kernels (its input is then
   kept for their gradients)."""
-  return layer.trainable and all(k.trainable for k in kernels_of(kind, layer))
+  return layer.trainable and any(k.trainable for k in kernels_of(kind, layer))
 
 
 _CONV_KINDS = {L.Conv2D: 'conv2d', L.DepthwiseConv2D: 'depthwise',
@@ -117,7 +117,7 @@ def _conv_reason(op):
     return 'channels_first'
   if getattr(op, 'groups', 1) != 1:
     return 'grouped convolution'
-  if not isinstance(op, L.Conv2D) and max(op.dilation_rate) > 1:
+  if type(op) is not L.Conv2D and max(op.dilation_rate) > 1:
     return f'dilated {_CONV_KINDS[type(op)]} convolution'
   return _plain_weights(op)
 
