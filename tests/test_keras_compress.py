@@ -60,8 +60,9 @@ def test_every_layer_kind_bits0_equals_keras_and_bits8_is_close():
   assert all(np.array_equal(a, b) for a, b in zip(w0, w1))
   kh.assert_same_gradients(g0, g1)
   (_, _, _), (_, g8, _) = kh.compare(model, compress(model, 8), x, y)
-  # Batch 6, and three generic layers recomputed from 8-bit min/max copies:
-  # measured 0.994 for the weakest layer.
+  # Batch 6, and two generic layers recomputed from 8-bit min/max copies:
+  # measured 0.9999 for the weakest layer (0.994 while SeparableConv2D was
+  # generic too).
   assert min(kh.cosines(g0, g8)) >= 0.99
   kinds = {r['kind'] for r in rows(compress(model, 4), 6)}
   assert {'bn_act', 'conv2d', 'depthwise', 'separable', 'dense', 'relu',

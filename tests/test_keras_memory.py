@@ -3,8 +3,9 @@ the depth grows the peak by about the compact copies and the weights only.
 Also: the compressed model trains under MirroredStrategy.
 
 With TF's default executor the peak depends on the schedule (that form is
-slow, below); with its single-threaded executor it does not, and the same
-property is also checked from the step's graph (tests/test_keras_kept.py).
+slow, below); with its single-threaded executor it varies by about 1 MiB
+here, and the same property is also checked from the step's graph
+(tests/test_keras_kept.py).
 
 Each figure comes from a fresh process (``tests/keras_memory_run.py``) with
 TF's BFC allocator and one inter-op thread.
@@ -62,8 +63,8 @@ def test_depth_doubling_grows_peak_by_copies_and_weights_only():
 
 @pytest.mark.slow
 def test_depth_doubling_default_executor():
-  """As above with TF's default executor, which runs ready ops in two
-  threads (the caller's and the inter-op pool's).
+  """As above with TF's default executor, which does not fix the order of
+  ready ops.
 
   Slow (not in the default suite) because it is schedule-dependent: on the
   idle machine the same configuration peaked at 49.0-51.5 MB (rblocks 2)
