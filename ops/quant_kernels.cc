@@ -1,5 +1,6 @@
-// Kernels of BlpaSaveAct / BlpaRestoreAct / BlpaSaveScaledAct (registration: quant_ops.cc; math:
-// quant_common.h). CPU kernels run over pixels on TF's intra-op thread pool;
+// Kernels of BlpaSaveAct / BlpaRestoreAct / BlpaSaveScaledAct (registration:
+// quant_ops.cc; math: quant_common.h). CPU kernels run over pixels on TF's
+// intra-op thread pool;
 // GPU kernels (quant_kernels.cu.cc) are registered when built with
 // GOOGLE_CUDA.
 #define EIGEN_USE_THREADS
@@ -346,12 +347,14 @@ struct Impl;
 
 template <>
 struct Impl<CPUDevice> {
+  // Codes of act, or of act / scale (BlpaSaveScaledAct, CPU only).
   static void Save(OpKernelContext* ctx, int nbits, const float* act,
-                   const float* offset, uint8_t* codes, const Geometry& g) {
+                   const float* offset, uint8_t* codes, const Geometry& g,
+                   const float* scale = nullptr) {
     if (nbits == 4) {
-      SaveActCpu<4>(ctx, act, offset, nullptr, codes, g);
+      SaveActCpu<4>(ctx, act, offset, scale, codes, g);
     } else {
-      SaveActCpu<8>(ctx, act, offset, nullptr, codes, g);
+      SaveActCpu<8>(ctx, act, offset, scale, codes, g);
     }
   }
   static void Restore(OpKernelContext* ctx, int nbits, const uint8_t* codes,
@@ -449,15 +452,10 @@ class SaveScaledActOp : public QuantOpBase {
     Tensor* codes = nullptr;
     PrepareSave(ctx, &g, &codes);
     if (!ctx->status().ok() || g.pixels == 0) return;
-    const float* a = ctx->input(0).flat<float>().data();
-    const float* c = ctx->input(1).flat<float>().data();
-    const float* s = scale.flat<float>().data();
-    uint8_t* q = codes->flat<uint8_t>().data();
-    if (nbits_ == 4) {
-      SaveActCpu<4>(ctx, a, c, s, q, g);
-    } else {
-      SaveActCpu<8>(ctx, a, c, s, q, g);
-    }
+    Impl<CPUDevice>::Save(ctx, nbits_, ctx->input(0).flat<float>().data(),
+                          ctx->input(1).flat<float>().data(),
+                          codes->flat<uint8_t>().data(), g,
+                          scale.flat<float>().data());
   }
 };
 

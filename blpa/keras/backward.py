@@ -21,6 +21,13 @@ def _strides(values):
   return [1] + list(values) + [1]
 
 
+def _conv_args(layer):
+  """Strides, padding and dilations of a channels_last Keras convolution,
+  as TensorFlow's raw convolution ops take them."""
+  return dict(strides=_strides(layer.strides), padding=layer.padding.upper(),
+              dilations=_strides(layer.dilation_rate))
+
+
 def conv2d(layer, x_shape, x, kernel, dy):
   """Conv2D (channels_last, ``groups=1``).
 
@@ -34,8 +41,7 @@ def conv2d(layer, x_shape, x, kernel, dy):
   Returns:
     ``(dx, dkernel)`` (``dkernel`` None when ``x`` is None).
   """
-  args = dict(strides=_strides(layer.strides), padding=layer.padding.upper(),
-              dilations=_strides(layer.dilation_rate))
+  args = _conv_args(layer)
   dk = None
   if x is not None:
     dk = tf.raw_ops.Conv2DBackpropFilter(input=x,
@@ -49,8 +55,7 @@ def conv2d(layer, x_shape, x, kernel, dy):
 
 def depthwise_conv2d(layer, x_shape, x, kernel, dy):
   """DepthwiseConv2D (channels_last, rank 2); as :func:`conv2d`."""
-  args = dict(strides=_strides(layer.strides), padding=layer.padding.upper(),
-              dilations=_strides(layer.dilation_rate))
+  args = _conv_args(layer)
   dk = None
   if x is not None:
     dk = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter(
@@ -79,13 +84,12 @@ def separable_conv2d(layer, x_shape, x, kernels, dy):
     None).
   """
   depthwise, pointwise = kernels
-  args = dict(strides=_strides(layer.strides), padding=layer.padding.upper(),
-              dilations=[1, 1, 1, 1])
   point = dict(strides=[1, 1, 1, 1], padding='VALID', dilations=[1, 1, 1, 1])
-  ddepth = dpoint = None
+  dpoint = None
   mid_shape = tf.concat([tf.shape(dy)[:3], tf.shape(pointwise)[2:3]], 0)
   if x is not None:
-    mid = tf.raw_ops.DepthwiseConv2dNative(input=x, filter=depthwise, **args)
+    mid = tf.raw_ops.DepthwiseConv2dNative(input=x, filter=depthwise,
+                                           **_conv_args(layer))
     dpoint = tf.raw_ops.Conv2DBackpropFilter(
         input=mid, filter_sizes=tf.shape(pointwise), out_backprop=dy, **point)
   with _after(dpoint):

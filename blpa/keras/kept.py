@@ -38,9 +38,9 @@ def _inputs_like(model, batch_size):
   return out
 
 
-def _step_graph(model, inputs):
-  """The graph of one GradientTape step, and the ops of the model's
-  outputs."""
+def _output_ops(model, inputs):
+  """The ops of the model's outputs in the traced graph of one
+  GradientTape step."""
   outputs = []
 
   @tf.function
@@ -53,8 +53,8 @@ def _step_graph(model, inputs):
                        for o in got])
     return tape.gradient(loss, model.trainable_variables)
 
-  graph = step.get_concrete_function(*inputs).graph
-  return graph, [t.op for t in outputs]
+  step.get_concrete_function(*inputs)
+  return [t.op for t in outputs]
 
 
 def _upstream(ops):
@@ -132,7 +132,7 @@ def kept_bytes(model, batch_size):
       batch_size < 1:
     raise ValueError(f'batch_size must be a positive integer, got '
                      f'{batch_size!r}')
-  _, output_ops = _step_graph(model, _inputs_like(model, batch_size))
+  output_ops = _output_ops(model, _inputs_like(model, batch_size))
   # An output computed from another output is forward, not backward.
   backward_ops = _downstream(output_ops) - _upstream(output_ops)
   tensors = sorted(

@@ -241,8 +241,10 @@ def padding_of(kt):
 
 def unpadded(kt):
   """The tensor whose copy serves ``kt`` (through ZeroPadding2D layers)."""
-  while padding_of(kt) is not None:
-    kt = padding_of(kt)[0]
+  found = padding_of(kt)
+  while found is not None:
+    kt = found[0]
+    found = padding_of(kt)
   return kt
 
 
