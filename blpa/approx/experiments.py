@@ -4,6 +4,8 @@ Usage::
 
     python -m blpa.approx.experiments                 # ~16 min on 2 cores
     python -m blpa.approx.experiments --quick         # a smoke run
+    python -m blpa.approx.experiments --wrn-epochs 8 --seeds 0 1 2
+                                                      # the 8-epoch table
 
 For each network (the 64-500-500-10 MLP on scikit-learn's bundled digits,
 all three layers sampled; a WRN-16-4 for 3 epochs and a WRN-10-2 for 10
@@ -433,6 +435,9 @@ def _parser():
   parser.add_argument("--out", default=os.path.join("bench", "results"))
   parser.add_argument("--mlp-epochs", type=int, default=60)
   parser.add_argument("--wrn-epochs", type=int, default=3)
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                      help="seeds (weights and batch order) of the main WRN "
+                      "comparison, one comparison each")
   parser.add_argument("--small-epochs", type=int, default=10,
                       help="epochs of the longer WRN-10-2 accuracy run")
   parser.add_argument("--batch", type=int, default=32)
@@ -465,9 +470,12 @@ def main(argv=None):
                  args.mlp_epochs, 64, 0.05, skip=None, arms=with_plain)
   images = digits(32)
   wrn = f"WRN-{args.depth}-{args.width}, {args.wrn_epochs} epochs"
-  rows += compare(wrn, lambda: nets.wide_resnet(args.depth, args.width),
-                  images, args.wrn_epochs, args.batch, 0.05, skip="ends",
-                  arms=[(1.0, 0.0), (0.5, tail), (0.33, tail)])
+  for seed in args.seeds:
+    rows += compare(wrn + (f", seed {seed}" if args.seeds != [0] else ""),
+                    lambda: nets.wide_resnet(args.depth, args.width), images,
+                    args.wrn_epochs, args.batch, 0.05, skip="ends",
+                    arms=[(1.0, 0.0), (0.5, tail), (0.33, tail)], seed=seed,
+                    track_ratio=0.5 if seed == args.seeds[0] else None)
   small = f"WRN-10-2, {args.small_epochs} epochs"
   rows += compare(small, lambda: nets.wide_resnet(10, 2), images,
                   args.small_epochs, args.batch, 0.05, skip="ends",

@@ -13,14 +13,16 @@ A :class:`LinearOp` describes a product that is a sum over input features
   (score ``‖w[..., o]‖·‖g[..., o]‖``) and grad-kernel sampled over batch
   examples (score ``‖x[b]‖·‖g[b]‖``), with an unbiased sampler.
 
-Forward sampling copies the kept input channels once (``tf.gather`` on the
-channel axis) and the kept kernel slices (scaled, if the sampler scales),
-and runs one product on them; autodiff of that gather scatters the input
-gradient back. On a shared 2-core CPU a WRN-16-4 training step (batch 32)
-at ratio 0.5 ran 1.3-1.8× faster than the exact step this way (runs differ
-with the load). Selecting the channels with a one-hot matmul instead of the
-gather measured 1.54× against 1.48× in one interleaved run: no real gain,
-and it adds ``C·k`` multiply-adds per position, so it is not used.
+Forward sampling copies the kept input channels once and the kept kernel
+slices (scaled, if the sampler scales), and runs one product on them; the
+gradients of the copies are scattered back to all channels. Copies and
+scatters are :func:`blpa.channels.gather_channels` and its gradient: with
+``tf.gather`` on the channel axis, whose gradient transposes the whole input
+twice around an ``UnsortedSegmentSum``, a WRN-16-4 training step (batch 32,
+2-core CPU, oneDNN on) at ratio 0.5 was only 1.13-1.16× faster than the
+exact step; with the native gather and scatter, 1.36× (see
+``docs/approx.md``). Selecting the channels with a one-hot matmul adds
+``C·k`` multiply-adds per position and is not used.
 
 Exact gradients are vector-Jacobian products of ``op.apply`` taken with a
 nested ``tf.GradientTape``: the same kernels as autodiff of the exact layer.
@@ -31,6 +33,7 @@ from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
+from blpa import channels
 from blpa.approx import sampling
 
 __all__ = ["MODES", "LinearOp", "forward_sample", "forward_sampled",
@@ -105,9 +108,10 @@ def forward_sampled(op, x, w, k, sampler, uniform=None):
     The estimate of ``op.apply(x, w)``; differentiable through the sample.
   """
   indices, scales = forward_sample(op, x, w, k, sampler, uniform)
-  w_kept = _scale_along(tf.gather(w, indices, axis=op.w_in_axis), scales,
-                        op.w_in_axis)
-  return op.apply(tf.gather(x, indices, axis=op.x_axis), w_kept)
+  w_kept = _scale_along(
+      channels.gather_channels(w, indices, op.w_in_axis), scales,
+      op.w_in_axis)
+  return op.apply(channels.gather_channels(x, indices, op.x_axis), w_kept)
 
 
 def blackbox(op, x, w, k, sampler, uniform=None):

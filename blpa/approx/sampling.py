@@ -25,6 +25,8 @@ and use it in a custom gradient.
 
 import tensorflow as tf
 
+from blpa import channels
+
 __all__ = [
     "SAMPLERS", "RANDOM_SAMPLERS", "UNBIASED_SAMPLERS", "num_samples",
     "uniform_shape", "draw", "sampled_matmul", "column_norms"
@@ -100,6 +102,8 @@ def column_norms(x, axis):
     A float32 vector with one norm per entry of ``axis``.
   """
   axis = axis % len(x.shape)
+  if axis == len(x.shape) - 1:
+    return tf.sqrt(channels.channel_square_sums(x))
   others = [a for a in range(len(x.shape)) if a != axis]
   squares = tf.square(tf.cast(tf.stop_gradient(x), tf.float32))
   return tf.sqrt(tf.reduce_sum(squares, axis=others))
@@ -210,7 +214,7 @@ def matmul_with(a, b, k, sampler, uniform):
   b_norms = column_norms(b, 0)
   scores = b_norms if sampler == "weight_topk" else column_norms(a, 1) * b_norms
   indices, scales = draw(sampler, scores, k, uniform)
-  b_kept = tf.gather(b, indices, axis=0)
+  b_kept = channels.gather_channels(b, indices, 0)
   if scales is not None:
     b_kept = b_kept * tf.cast(scales, b.dtype)[:, None]
-  return tf.matmul(tf.gather(a, indices, axis=1), b_kept)
+  return tf.matmul(channels.gather_channels(a, indices), b_kept)
