@@ -29,7 +29,8 @@ import tensorflow as tf
 
 from blpa import native
 
-__all__ = ["gather_channels", "scatter_channels", "channel_square_sums"]
+__all__ = ["gather_channels", "scatter_channels", "channel_square_sums",
+           "backend"]
 
 _FLOATS = (tf.float32, tf.float64, tf.float16, tf.bfloat16)
 
@@ -40,6 +41,11 @@ def _lib():
   if lib is None or tf.config.list_logical_devices("GPU"):
     return None
   return lib
+
+
+def backend():
+  """``"native"`` when the functions run the native ops, else ``"python"``."""
+  return "native" if _lib() is not None else "python"
 
 
 def _checked(x, indices, axis, name):

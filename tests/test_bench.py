@@ -186,3 +186,14 @@ def test_naive_bits_zero_is_exact_and_four_bits_perturbs():
   assert all(g is not None and np.all(np.isfinite(g)) for g in grads)
   with pytest.raises(ValueError, match='naive_bits'):
     autodiff.logits(net.layers, weights, x, naive_bits=2)
+
+
+def test_approx_step_times_every_model():
+  from bench import approx_step
+  got = approx_step.measure(ratios=(0.5, 0.33), depth=10, width=1, batch=4,
+                            rounds=2, warmup=1)
+  assert got['network'] == 'WRN-10-1' and got['exact_ms'] > 0
+  assert set(got['speedup']) == {'0.5', '0.33'}
+  assert got['channel_ops'] in ('native', 'python')
+  with pytest.raises(ValueError, match='ratios must lie in'):
+    approx_step.measure(ratios=(1.0,))

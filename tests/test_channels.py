@@ -112,7 +112,10 @@ def test_empty_rows(backend):
 
 def test_native_ops_are_used():
   x, indices = _case((2, 4, 6), np.float32)
+  with use_backend("python"):
+    assert channels.backend() == "python"
   with use_backend("native"):
+    assert channels.backend() == "native"
     graph = tf.function(lambda x: tf.gradients(
         channels.gather_channels(x, indices), x)[0] +
                         channels.channel_square_sums(x)).get_concrete_function(

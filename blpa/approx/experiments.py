@@ -381,19 +381,29 @@ def _selection_table(rows):
 
 
 def _plot(rows, path):
-  """Accuracy against multiply-adds per step, one panel per experiment."""
+  """Accuracy against multiply-adds per step, one panel per network (one
+  series per seed)."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  names = sorted({r["experiment"] for r in rows})
+  network = lambda r: r["experiment"].split(", seed ")[0]
+  names = sorted({network(r) for r in rows})
   fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6))
   for ax, name in zip(np.atleast_1d(axes), names):
-    sub = [r for r in rows if r["experiment"] == name]
-    gmacs = [r["macs_per_step"] / 1e9 * (1 - r["schedule_macs_saved"]) /
-             (1 - r["macs_saved"]) for r in sub]
-    ax.plot(gmacs, [100 * r["test_accuracy"] for r in sub], "o")
-    for r, x in zip(sub, gmacs):
-      ax.annotate(f"r={_arm(r)}", (x, 100 * r["test_accuracy"]), fontsize=7)
+    runs = sorted({r["experiment"] for r in rows if network(r) == name})
+    for run in runs:  # one series per seed
+      sub = [r for r in rows if r["experiment"] == run]
+      gmacs = [r["macs_per_step"] / 1e9 * (1 - r["schedule_macs_saved"]) /
+               (1 - r["macs_saved"]) for r in sub]
+      label = run[len(name) + 2:] if len(runs) > 1 else None
+      ax.plot(gmacs, [100 * r["test_accuracy"] for r in sub], "o",
+              label=label)
+      for r, x in zip(sub, gmacs):
+        if run == runs[0]:
+          ax.annotate(f"r={_arm(r)}", (x, 100 * r["test_accuracy"]),
+                      fontsize=7)
+    if len(runs) > 1:
+      ax.legend(fontsize=7)
     ax.set_xlabel("GMACs per training step, schedule average")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(name)

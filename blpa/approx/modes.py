@@ -19,8 +19,8 @@ gradients of the copies are scattered back to all channels. Copies and
 scatters are :func:`blpa.channels.gather_channels` and its gradient: with
 ``tf.gather`` on the channel axis, whose gradient transposes the whole input
 twice around an ``UnsortedSegmentSum``, a WRN-16-4 training step (batch 32,
-2-core CPU, oneDNN on) at ratio 0.5 was only 1.13-1.16× faster than the
-exact step; with the native gather and scatter, 1.36× (see
+2-core CPU, oneDNN on) at ratio 0.5 was only 1.13× faster than the exact
+step; with the native gather and scatter, 1.37× (``bench/approx_step.py``,
 ``docs/approx.md``). Selecting the channels with a one-hot matmul adds
 ``C·k`` multiply-adds per position and is not used.
 

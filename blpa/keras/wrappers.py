@@ -5,7 +5,13 @@ outputs and BN moving statistics are those of the original model) with the
 outer tape paused, keeps only compact copies, and returns a backward
 function. Every backward function first waits for its incoming gradient
 (a control dependency) before it restores anything, so that inside
-``tf.function`` the restores run one layer at a time, last to first.
+``tf.function`` the restores run one layer at a time, last to first; and a
+layer with weights hands its input gradient on only once its weight
+gradients are computed, so that its incoming gradient and restored input
+are freed before the layers below start (without this, TF's executor may
+run the input-gradient chain ahead and leave many layers' gradients alive
+at once: ResNet50V2's peak at batch 768 varied from 876 to 1762 MiB run to
+run, 906 to 998 MiB with it).
 """
 
 import numpy as np
@@ -271,7 +277,11 @@ def run_linear(kind, layer, x, codec):
       by_var = {id(v): dk for v, dk in zip(variables, dks)}
       if has_bias:
         by_var[id(layer.bias)] = backward.bias(dout)
-      return [dx], [by_var[id(v)] for v in weights]
+      weight_grads = [by_var[id(v)] for v in weights]
+      # The layers below wait for this layer's weight gradients, which free
+      # its incoming gradient and restored input when they are done.
+      dx = _after(weight_grads, lambda: tf.identity(dx))
+      return [dx], weight_grads
 
     return out, grad
 
@@ -427,7 +437,10 @@ def run_generic(call, xs, kept, trainable):
       grads = tape.gradient(again, restored + values, output_gradients=douts)
       dxs = [tf.zeros(shape, dtype) if g is None else g
              for (shape, dtype), g in zip(specs, grads[:len(kept)])]
-      return dxs, grads[len(kept):]
+      dws = grads[len(kept):]
+      if any(g is not None for g in dws):  # as in run_linear
+        dxs = _after(dws, lambda: [tf.identity(d) for d in dxs])
+      return dxs, dws
 
     return outs, grad
 
