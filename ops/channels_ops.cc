@@ -11,7 +11,8 @@
 //       -> x [O, C, I], x[o, c, i] = sum of y[o, j, i] over the j with
 //       indices[j] == c (0 if none); the gradient of BlpaGatherChannels
 //   BlpaChannelSquareSums(x [R, C]) -> s [C] (float32),
-//       s[c] = sum over r of x[r, c]^2, accumulated in float32
+//       s[c] = sum over r of x[r, c]^2, accumulated in float32 over fixed
+//       blocks of rows, then the blocks in order (deterministic)
 //
 // Every index must lie in [0, C). tf.gather(x, indices, axis) computes the
 // gather too, but for an axis other than the first its gradient transposes

@@ -56,6 +56,19 @@ def test_square_sums_match_numpy_on_both_backends(shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_square_sums_are_deterministic(backend):
+  """Many rows over the threads: the same bits every call."""
+  x = np.random.default_rng(3).normal(size=(64, 33, 17, 24)).astype(
+      np.float32)
+  with use_backend(backend):
+    first = channels.channel_square_sums(x).numpy()
+    for _ in range(5):
+      np.testing.assert_array_equal(channels.channel_square_sums(x), first)
+  want = (x.astype(np.float64)**2).reshape(-1, 24).sum(0)
+  np.testing.assert_allclose(first, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_repeated_indices_add_up(backend):
   """crs draws with replacement: the scatter (the gather's gradient) sums."""
   y = np.arange(12, dtype=np.float32).reshape(2, 6)
