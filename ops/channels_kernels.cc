@@ -1,6 +1,7 @@
 // CPU kernels of BlpaGatherChannels, BlpaScatterChannels and
 // BlpaChannelSquareSums (registration and definitions: channels_ops.cc).
-// Rows [R, C] are split among the intra-op threads.
+// The work is split among the intra-op threads: by outer index o for the
+// gather and the scatter, by fixed blocks of rows for the square sums.
 #include <algorithm>
 #include <vector>
 
