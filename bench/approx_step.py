@@ -8,9 +8,10 @@ One command::
 Builds the pre-activation WRN-16-4 of ``blpa.approx.experiments`` (Keras
 layers), and its copy from ``blpa.approx.approximate`` at each ratio (topk,
 forward mode, the first convolution and the last dense layer exact). Each
-model gets a GradientTape + SGD-momentum step in ``tf.function`` on the same
-random batch; after warm-up the steps run in rotating order, round after
-round, and the medians are compared. ``BLPA_PY_OPS=1`` selects the pure-TF
+model gets the GradientTape + SGD-momentum step of
+``bench.keras_compress.train_step`` on the same random batch; after warm-up
+the steps run in rotating order, round after round
+(``bench.timing.interleaved_times``), and the medians are compared. ``BLPA_PY_OPS=1`` selects the pure-TF
 channel selection (``tf.gather`` and its autodiff scatter) instead of the
 native ops of ``blpa.channels``, for the before/after comparison. Prints one
 JSON line.
@@ -20,29 +21,10 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ''):  # run as a script
   sys.path.insert(0, ROOT)
-
-
-def _step(model):
-  """A compiled SGD-momentum training step of ``model``."""
-  import keras  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  optimizer = keras.optimizers.SGD(0.05, momentum=0.9)
-  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-  @tf.function
-  def step(x, y):
-    with tf.GradientTape() as tape:
-      loss = loss_fn(y, model(x, training=True))
-    grads = tape.gradient(loss, model.trainable_variables)
-    optimizer.apply_gradients(zip(grads, model.trainable_variables))
-    return loss
-
-  return step
 
 
 def measure(ratios=(0.5,), depth=16, width=4, batch=32, rounds=25, warmup=3,
@@ -63,7 +45,8 @@ def measure(ratios=(0.5,), depth=16, width=4, batch=32, rounds=25, warmup=3,
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
   import keras  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from bench.keras_compress import train_step  # pylint: disable=import-outside-toplevel
+  from bench.timing import interleaved_times  # pylint: disable=import-outside-toplevel
   from blpa import channels  # pylint: disable=import-outside-toplevel
   from blpa.approx import approximate, nets  # pylint: disable=import-outside-toplevel
   if any(not 0 < r < 1 for r in ratios):
@@ -72,20 +55,8 @@ def measure(ratios=(0.5,), depth=16, width=4, batch=32, rounds=25, warmup=3,
   base = nets.wide_resnet(depth, width)
   models = {1.0: base}
   models.update({r: approximate(base, r, skip='ends') for r in ratios})
-  steps = {r: _step(m) for r, m in models.items()}
-  rng = np.random.default_rng(seed)
-  x = tf.constant(rng.standard_normal([batch, 32, 32, 3]), tf.float32)
-  y = tf.constant(rng.integers(0, 10, batch), tf.int32)
-  for step in steps.values():
-    for _ in range(warmup):
-      float(step(x, y))
-  times = {r: [] for r in steps}
-  order = list(steps)
-  for i in range(rounds):
-    for r in order[i % len(order):] + order[:i % len(order)]:
-      start = time.perf_counter()
-      float(steps[r](x, y))
-      times[r].append(time.perf_counter() - start)
+  steps = {r: train_step(m, batch, 32, seed) for r, m in models.items()}
+  times = interleaved_times(steps, rounds, warmup)
   median = {r: 1e3 * float(np.median(t)) for r, t in times.items()}
   return dict(
       network=f'WRN-{depth}-{width}', batch=batch, rounds=rounds,

@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if __package__ in (None, ''):  # run as a script: python bench/keras_compress.py
@@ -119,15 +118,8 @@ def step_time_ratio(name, bits, batch, rblocks=18, rounds=5):
   from blpa.keras import compress  # pylint: disable=import-outside-toplevel
   steps = {'plain': train_step(plain_model, batch, size),
            'blpa': train_step(compress(plain_model, bits), batch, size)}
-  times = {k: [] for k in steps}
-  for fn in steps.values():
-    fn()  # trace
-  for r in range(rounds):
-    order = list(steps) if r % 2 == 0 else list(steps)[::-1]
-    for key in order:
-      start = time.perf_counter()
-      steps[key]()
-      times[key].append(time.perf_counter() - start)
+  from bench.timing import interleaved_times  # pylint: disable=import-outside-toplevel
+  times = interleaved_times(steps, rounds, warmup=1)  # warm-up: the trace
   med = {k: statistics.median(v) for k, v in times.items()}
   return med['plain'], med['blpa']
 

@@ -48,15 +48,21 @@ def backend():
   return "native" if _lib() is not None else "python"
 
 
-def _checked(x, indices, axis, name):
-  """``(x, int32 indices, axis in [0, rank))`` with x float of known rank
-  >= 1, indices a vector, axis an int in [-rank, rank)."""
+def _float_tensor(x, name):
+  """x as a float tensor that is not a scalar (else ValueError)."""
   x = tf.convert_to_tensor(x)
   if x.dtype not in _FLOATS:
     raise ValueError(f"{name}: needs a float tensor, got dtype "
                      f"{x.dtype.name}")
   if x.shape.rank == 0:
     raise ValueError(f"{name}: needs a tensor of rank >= 1, got a scalar")
+  return x
+
+
+def _checked(x, indices, axis, name):
+  """``(x, int32 indices, axis in [0, rank))`` with x float of known rank
+  >= 1, indices a vector, axis an int in [-rank, rank)."""
+  x = _float_tensor(x, name)
   indices = tf.convert_to_tensor(indices)
   if not indices.dtype.is_integer:
     raise ValueError(f"{name}: indices must be integers, got dtype "
@@ -196,13 +202,7 @@ def channel_square_sums(x):
   Raises:
     ValueError: a non-float or scalar x.
   """
-  x = tf.stop_gradient(tf.convert_to_tensor(x))
-  if x.dtype not in _FLOATS:
-    raise ValueError(f"channel_square_sums: needs a float tensor, got dtype "
-                     f"{x.dtype.name}")
-  if x.shape.rank == 0:
-    raise ValueError("channel_square_sums: needs a tensor of rank >= 1, got "
-                     "a scalar")
+  x = tf.stop_gradient(_float_tensor(x, "channel_square_sums"))
   lib = _lib()
   if lib is None:
     rank = x.shape.rank

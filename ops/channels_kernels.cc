@@ -150,10 +150,10 @@ class ChannelSquareSumsOp : public OpKernel {
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& x = ctx->input(0);
-    OP_REQUIRES(ctx, x.dims() >= 1,
-                errors::InvalidArgument("x must have rank >= 1, got shape ",
-                                        x.shape().DebugString()));
-    const int64_t channels = x.dim_size(x.dims() - 1);
+    AxisView view;  // rows [outer, C]
+    ViewAround(ctx, x, -1, &view);
+    if (!ctx->status().ok()) return;
+    const int64_t channels = x.dim_size(view.axis);
     Tensor* sums = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({channels}),
                                              &sums));
@@ -163,7 +163,7 @@ class ChannelSquareSumsOp : public OpKernel {
     const T* in = x.flat<T>().data();
     // Fixed blocks of rows, each summed in order, then the blocks in order:
     // the same float32 result whatever the threads' timing.
-    const int64_t rows = x.NumElements() / channels;
+    const int64_t rows = view.outer;
     const int64_t blocks = std::min<int64_t>(rows, kSumBlocks);
     std::vector<float> partial(blocks * channels, 0.0f);
     ForRows(ctx, blocks, (rows / blocks + 1) * channels,

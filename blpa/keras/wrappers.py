@@ -37,6 +37,16 @@ def _after(grads, fn):
     return fn()
 
 
+def _handed_on(input_grads, weight_grads):
+  """``input_grads``, made available only once the layer's weight gradients
+  are computed (unchanged when it has none): the layers below then wait
+  for them, which frees the layer's incoming gradient and restored input
+  before they start."""
+  if all(g is None for g in weight_grads):
+    return input_grads
+  return _after(weight_grads, lambda: [tf.identity(d) for d in input_grads])
+
+
 # ---------------------------------------------------------------------------
 # BatchNormalization (+ ReLU / ReLU6): the BLPA case.
 
@@ -278,10 +288,7 @@ def run_linear(kind, layer, x, codec):
       if has_bias:
         by_var[id(layer.bias)] = backward.bias(dout)
       weight_grads = [by_var[id(v)] for v in weights]
-      # The layers below wait for this layer's weight gradients, which free
-      # its incoming gradient and restored input when they are done.
-      dx = _after(weight_grads, lambda: tf.identity(dx))
-      return [dx], weight_grads
+      return _handed_on([dx], weight_grads), weight_grads
 
     return out, grad
 
@@ -437,10 +444,7 @@ def run_generic(call, xs, kept, trainable):
       grads = tape.gradient(again, restored + values, output_gradients=douts)
       dxs = [tf.zeros(shape, dtype) if g is None else g
              for (shape, dtype), g in zip(specs, grads[:len(kept)])]
-      dws = grads[len(kept):]
-      if any(g is not None for g in dws):  # as in run_linear
-        dxs = _after(dws, lambda: [tf.identity(d) for d in dxs])
-      return dxs, dws
+      return _handed_on(dxs, grads[len(kept):]), grads[len(kept):]
 
     return outs, grad
 
