@@ -293,11 +293,20 @@ def _seconds(r, key):
 
 
 def _max_batch(r, key):
-  """The largest batch verified to fit, and where the line meets the cap."""
+  """The largest batch verified to fit, bounded by the smallest probe above
+  it that did not ('≥' when none did), and where the line meets the cap."""
   best, line = r.get(f'{key}_max_batch'), r.get(f'{key}_max_line')
   if not best:
     return 'n/a'
-  return f'{best} (line {line})' if line and line != best else f'{best}'
+  over = [t['batch'] for t in r.get(f'{key}_max_trials', [])
+          if not t['fits'] and t['batch'] > best]
+  if not over:
+    found = f'≥ {best}'
+  elif min(over) == best + 1:
+    found = f'{best}'
+  else:
+    found = f'{best} to {min(over) - 1}'
+  return f'{found} (line {line})' if line and line != best else found
 
 
 def _table_line(r):
@@ -360,9 +369,10 @@ def _notes(results):
                  'the line through the measured peaks extrapolated to the cap '
                  'and refitted (trials in the .json); "(line N)": where the '
                  'line through all the peaks measured meets the cap, when it '
-                 'is not the batch verified (probes: at most --tries, none '
-                 'above --max-probe-batch). "x plain": of the verified '
-                 'batches.')
+                 'is not the batch verified; "A to B": A fitted, B + 1 did '
+                 'not; "≥ A": no probe above A was tried (probes: at most '
+                 '--tries, none above --max-probe-batch). "x plain": of the '
+                 'verified batches.')
   else:
     lines.append('Largest batch under the cap: not measured in this run '
                  '(--no-largest).')

@@ -387,6 +387,23 @@ def test_experiment_compare_runs():
   assert "| 0.5, exact last 50% |" in "\n".join(experiments._table(rows))
 
 
+def test_experiment_summary_pairs_seeds():
+  """The summary averages each arm over its seeds and measures every gap
+  against the exact model of the same seed."""
+  from blpa.approx import experiments
+  def row(seed, ratio, accuracy):
+    return dict(experiment=f"net, seed {seed}", ratio=ratio, exact_tail=0.0,
+                test_accuracy=accuracy, macs_saved=0.5 * (ratio < 1),
+                schedule_macs_saved=0.4 * (ratio < 1), speedup=1.5,
+                schedule_speedup=1.25)
+  rows = [row(0, 1.0, 0.99), row(0, 0.5, 0.985), row(1, 1.0, 0.97),
+          row(1, 0.5, 0.95)]
+  lines = experiments._summary_table(rows)
+  assert len(lines) == 3
+  assert lines[2] == ("| net | 0.5 | 2 | 96.75% (98.00%) | 1.25 pt (0.50 to "
+                      "2.00) | 1 of 2 | 50.0% / 40.0% | 1.50× / 1.25× |")
+
+
 @pytest.mark.slow
 def test_experiments_quick(tmp_path):
   """The experiments command in its smoke mode writes its three files."""

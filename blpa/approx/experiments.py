@@ -2,16 +2,16 @@
 
 Usage::
 
-    python -m blpa.approx.experiments                 # ~16 min on 2 cores
+    python -m blpa.approx.experiments                 # ~18 min on 2 cores
     python -m blpa.approx.experiments --quick         # a smoke run
-    python -m blpa.approx.experiments --wrn-epochs 8 --seeds 0 1 2
-                                                      # the 8-epoch table
 
 For each network (the 64-500-500-10 MLP on scikit-learn's bundled digits,
-all three layers sampled; a WRN-16-4 for 3 epochs and a WRN-10-2 for 10
-epochs on the digits upsampled to 32×32×3, first conv and last dense exact)
-the exact model and its copies (topk, forward mode) start from the same
-weights and train in lockstep on the same batches with the same schedule
+all three layers sampled, for each of ``--mlp-seeds``; a WRN-16-4 for 8
+epochs, for each of ``--seeds``, and a WRN-10-2 for 10 epochs, on the
+digits upsampled to 32×32×3, first conv and last dense exact) the exact
+model and its copies (topk, forward mode) start from the same weights
+(initialized with that seed) and train in lockstep on the same batches
+(the same test split for every seed) with the same schedule
 (SGD, momentum 0.9, cosine learning rate). The copies sample at ratios 0.5
 and 0.33 and train the final ``--exact-tail`` share of the steps exactly
 (:mod:`blpa.approx.phases`); the MLP and the WRN-10-2 also have a ratio-0.5
@@ -23,7 +23,9 @@ its speed-up and the whole schedule's (each phase's median against the
 exact model's steps in the same window), final test
 accuracy (exact evaluation, after the BN statistics are recomputed from 20
 exact training batches; the raw accuracy too), and for the first ratio-0.5
-copy which channels it selected (:mod:`blpa.approx.selection`). A subprocess
+copy which channels it selected (:mod:`blpa.approx.selection`); a summary
+table gives each network's mean over its seeds and the gaps to exact
+training paired by seed. A subprocess
 on 2 logical CPU devices measures the all-reduce buffer of the WRN-16-4 at
 ratio 1/3 with ``weight_topk``, full against compressed, and checks that
 both give the same gradients.
@@ -208,7 +210,9 @@ def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
       sampling at its ratio except for the final ``exact_tail`` share of the
       steps (:mod:`blpa.approx.phases`); ratio 1 is the exact model itself.
       Default: ratios 1, 0.5, 0.33 without a tail.
-    seed: seed of the weights and of the batch order.
+    seed: seed of the batch order, of the samplers and of Keras's global
+      random state (initializers without a seed of their own; ``build``
+      passes its seed to those that have one).
     calib: training batches of exact forward passes that set the BN
       statistics before the (exact) test evaluation, for every arm.
     sampler: the sampler of the approximate copies (forward mode).
@@ -359,6 +363,38 @@ def _table(rows):
   return lines
 
 
+def _network(row):
+  """The experiment's name without its seed."""
+  return row["experiment"].split(", seed ")[0]
+
+
+def _summary_table(rows):
+  """Each network and arm over its seeds: means, and the accuracy gaps to
+  the exact model of the same seed."""
+  lines = ["| network | ratio | seeds | test acc., mean (exact) | gap to exact"
+           ", mean (min to max) | seeds within 1 pt | MACs saved (step / "
+           "schedule) | speed-up, mean (step / schedule) |",
+           "|---|---|---|---|---|---|---|---|"]
+  exact = {r["experiment"]: r["test_accuracy"] for r in rows
+           if r["ratio"] == 1.0}
+  arms = {}
+  for r in rows:
+    if r["ratio"] < 1.0:
+      arms.setdefault((_network(r), _arm(r)), []).append(r)
+  for (network, arm), sub in arms.items():
+    gaps = [100 * (exact[r["experiment"]] - r["test_accuracy"]) for r in sub]
+    mean = lambda key: float(np.mean([r[key] for r in sub]))
+    lines.append(
+        f"| {network} | {arm} | {len(sub)} | {100 * mean('test_accuracy'):.2f}"
+        f"% ({np.mean([exact[r['experiment']] for r in sub]) * 100:.2f}%) | "
+        f"{np.mean(gaps):.2f} pt ({min(gaps):.2f} to {max(gaps):.2f}) | "
+        f"{sum(g <= 1.0 for g in gaps)} of {len(gaps)} | "
+        f"{100 * mean('macs_saved'):.1f}% / "
+        f"{100 * mean('schedule_macs_saved'):.1f}% | "
+        f"{mean('speedup'):.2f}× / {mean('schedule_speedup'):.2f}× |")
+  return lines
+
+
 def _selection_table(rows):
   """Rich get richer: how concentrated the selected channels are."""
   lines = ["| experiment | ratio | steps recorded | Gini (same k always) | "
@@ -381,32 +417,34 @@ def _selection_table(rows):
 
 
 def _plot(rows, path):
-  """Accuracy against multiply-adds per step, one panel per network (one
-  series per seed)."""
+  """Accuracy against multiply-adds per step, one panel per network: each
+  seed's runs as dots, each arm's mean over the seeds with its range."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  network = lambda r: r["experiment"].split(", seed ")[0]
-  names = sorted({network(r) for r in rows})
+  names = sorted({_network(r) for r in rows})
   fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6))
+  gmacs = lambda r: (r["macs_per_step"] / 1e9 * (1 - r["schedule_macs_saved"])
+                     / (1 - r["macs_saved"]))
   for ax, name in zip(np.atleast_1d(axes), names):
-    runs = sorted({r["experiment"] for r in rows if network(r) == name})
-    for run in runs:  # one series per seed
-      sub = [r for r in rows if r["experiment"] == run]
-      gmacs = [r["macs_per_step"] / 1e9 * (1 - r["schedule_macs_saved"]) /
-               (1 - r["macs_saved"]) for r in sub]
-      label = run[len(name) + 2:] if len(runs) > 1 else None
-      ax.plot(gmacs, [100 * r["test_accuracy"] for r in sub], "o",
-              label=label)
-      for r, x in zip(sub, gmacs):
-        if run == runs[0]:
-          ax.annotate(f"r={_arm(r)}", (x, 100 * r["test_accuracy"]),
-                      fontsize=7)
-    if len(runs) > 1:
-      ax.legend(fontsize=7)
+    arms = {}
+    for r in rows:
+      if _network(r) == name:
+        arms.setdefault(_arm(r), []).append(r)
+    for arm, sub in arms.items():
+      acc = [100 * r["test_accuracy"] for r in sub]
+      x = float(np.mean([gmacs(r) for r in sub]))
+      ax.plot([gmacs(r) for r in sub], acc, ".", color="0.6")
+      mean = float(np.mean(acc))
+      ax.errorbar([x], [mean], yerr=[[mean - min(acc)], [max(acc) - mean]],
+                  fmt="o", capsize=3)
+      ax.annotate(f"r={arm}", (x, mean), fontsize=7, xytext=(4, 4),
+                  textcoords="offset points")
+    seeds = len(next(iter(arms.values())))
     ax.set_xlabel("GMACs per training step, schedule average")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(name)
+    ax.set_title(name + (f" ({seeds} seeds: mean, range, runs)"
+                         if seeds > 1 else ""), fontsize=9)
     ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -420,7 +458,10 @@ def write_results(result, out):
     json.dump(result, f, indent=1)
   comm = result["communication"]
   lines = ["# blpa.approx: sampled training beside exact training", "",
-           f"Command: `{result['command']}`; {result['setup']}", ""]
+           f"Command: `{result['command']}`; {result['setup']}", "",
+           "Summary over seeds (gaps in accuracy points, each sampled copy "
+           "against the exact model of its seed):", ""]
+  lines += _summary_table(result["rows"]) + ["", "Every run:", ""]
   lines += _table(result["rows"])
   lines += ["", f"All-reduce per step, {comm['network']} at ratio "
             f"{comm['ratio']:.3g} (weight_topk, 2 logical CPU devices): full "
@@ -444,9 +485,13 @@ def _parser():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=os.path.join("bench", "results"))
   parser.add_argument("--mlp-epochs", type=int, default=60)
-  parser.add_argument("--wrn-epochs", type=int, default=3)
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                      help="seeds (weights and batch order) of the main WRN "
+  parser.add_argument("--mlp-seeds", type=int, nargs="+",
+                      default=list(range(8)),
+                      help="seeds (weights, batch order) of the MLP "
+                      "comparison, one comparison each")
+  parser.add_argument("--wrn-epochs", type=int, default=8)
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                      help="seeds (weights, batch order) of the main WRN "
                       "comparison, one comparison each")
   parser.add_argument("--small-epochs", type=int, default=10,
                       help="epochs of the longer WRN-10-2 accuracy run")
@@ -463,6 +508,11 @@ def _parser():
   return parser
 
 
+def _seeded(name, seed, seeds):
+  """The experiment's name, with its seed where there are several."""
+  return name + (f", seed {seed}" if len(seeds) > 1 else "")
+
+
 def main(argv=None):
   args = _parser().parse_args(argv)
   if args.comm_only:
@@ -471,18 +521,25 @@ def main(argv=None):
   if args.quick:
     args.mlp_epochs, args.wrn_epochs, args.small_epochs = 1, 1, 1
     args.depth, args.width = 10, 1
+    args.mlp_seeds, args.seeds = args.mlp_seeds[:2], args.seeds[:1]
   from blpa.approx import nets  # pylint: disable=import-outside-toplevel
   load = os.getloadavg()[0]
   started = time.time()
   tail = args.exact_tail
   with_plain = [(1.0, 0.0), (0.5, 0.0), (0.5, tail), (0.33, tail)]
-  rows = compare("MLP 64-500-500-10, digits", nets.mlp, digits(),
-                 args.mlp_epochs, 64, 0.05, skip=None, arms=with_plain)
+  rows = []
+  mlp = "MLP 64-500-500-10, digits"
+  for seed in args.mlp_seeds:
+    rows += compare(_seeded(mlp, seed, args.mlp_seeds),
+                    lambda: nets.mlp(seed=seed), digits(), args.mlp_epochs,
+                    64, 0.05, skip=None, arms=with_plain, seed=seed,
+                    track_ratio=0.5 if seed == args.mlp_seeds[0] else None)
   images = digits(32)
   wrn = f"WRN-{args.depth}-{args.width}, {args.wrn_epochs} epochs"
   for seed in args.seeds:
-    rows += compare(wrn + (f", seed {seed}" if args.seeds != [0] else ""),
-                    lambda: nets.wide_resnet(args.depth, args.width), images,
+    rows += compare(_seeded(wrn, seed, args.seeds),
+                    lambda: nets.wide_resnet(args.depth, args.width,
+                                             seed=seed), images,
                     args.wrn_epochs, args.batch, 0.05, skip="ends",
                     arms=[(1.0, 0.0), (0.5, tail), (0.33, tail)], seed=seed,
                     track_ratio=0.5 if seed == args.seeds[0] else None)
@@ -509,7 +566,7 @@ def main(argv=None):
              f"{time.time() - started:.0f} s in all"),
       rows=rows, communication=comm)
   write_results(result, args.out)
-  print("\n".join(_table(rows)))
+  print("\n".join(_summary_table(rows)))
   print(json.dumps(comm))
   return 0
 
