@@ -37,10 +37,7 @@ _FLOATS = (tf.float32, tf.float64, tf.float16, tf.bfloat16)
 
 def _lib():
   """The native library, if it has the ops and no GPU is present."""
-  lib = native.library_with("blpa_gather_channels")
-  if lib is None or tf.config.list_logical_devices("GPU"):
-    return None
-  return lib
+  return native.cpu_library_with("blpa_gather_channels")
 
 
 def backend():

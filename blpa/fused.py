@@ -14,7 +14,8 @@ clamped scale ``cs`` and bias ``b``. The saved copy is the normalized value
   ``relu(u*cs + b)`` or ``relu(approx*cs)`` (the convolution's input for its
   filter gradient).
 * :func:`bn_relu_grad`: from the gradient ``g`` w.r.t. ``out``: ReLU mask,
-  bias and scale gradients and the BN backward to the gradient w.r.t. ``z``.
+  bias and scale gradients and the BN backward to the gradient w.r.t. ``z``
+  (optionally with codes whose range was widened per channel).
 
 The native kernels (``ops/fused_*.cc``, loaded through :mod:`blpa.native`)
 make one pass over the activation per op (two for the gradient). Without
@@ -192,7 +193,8 @@ def bn_relu_restore(saved, scale, center, nbits, relu=True):
   return _relu(_restored(saved, scale, center, nbits)[1], relu)
 
 
-def bn_relu_grad(grad, saved, scale, center, sigma, nbits, relu=True):
+def bn_relu_grad(grad, saved, scale, center, sigma, nbits, relu=True,
+                 widen=None):
   """ReLU mask, bias/scale gradients and BN backward of one layer.
 
   Args:
@@ -203,10 +205,16 @@ def bn_relu_grad(grad, saved, scale, center, sigma, nbits, relu=True):
     sigma: float32 ``[C]``, the forward pass's ``sqrt(var + eps)``.
     nbits: 0, 4 or 8, as saved.
     relu: mask the gradient with the ReLU.
+    widen: float32 ``[C]`` or None (ones): the normalized value is
+      ``y = widen * (approx - center)`` (``widen * u`` for a full copy),
+      for codes of ``h / (cs * widen)`` whose range was widened so as not to
+      clip. ``scale`` stays the clamped scale ``cs``, which multiplies the
+      gradient.
 
   Returns:
     ``(grad_in, dbias, dscale)``: gradient w.r.t. ``z`` ``[N,H,W,C]``, and
-    the bias and scale gradients ``[C]``. Not differentiable.
+    the bias and scale gradients ``[C]`` (``dscale = sum(g_masked * y)``).
+    Not differentiable.
 
   Raises:
     ValueError: bad nbits, or statically known shapes that do not fit.
@@ -215,12 +223,15 @@ def bn_relu_grad(grad, saved, scale, center, sigma, nbits, relu=True):
   grad = _activation(grad, 'grad')
   c = grad.shape[3] if grad.shape.rank == 4 else None
   scale, center, sigma = _vectors(c, scale=scale, center=center, sigma=sigma)
+  widen = tf.ones_like(sigma) if widen is None else widen
+  (widen,) = _vectors(c, widen=widen)
   saved = _saved(saved, nbits, grad.shape, c)
   lib = _lib()
   if lib is not None:
     return tuple(lib.blpa_bn_relu_grad(grad, saved, scale, center, sigma,
-                                       nbits=nbits, relu=bool(relu)))
+                                       widen, nbits=nbits, relu=bool(relu)))
   y, _, mask = _restored(saved, scale, center, nbits)
+  y = y * widen
   g = tf.where(mask, grad, 0.0) if relu else grad
   axes = [0, 1, 2]
   dbias = tf.reduce_sum(g, axis=axes)

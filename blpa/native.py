@@ -75,6 +75,16 @@ def library_with(op_name):
   return lib if lib is not None and hasattr(lib, op_name) else None
 
 
+def cpu_library_with(op_name):
+  """:func:`library_with`, or None when a GPU is present (for ops that have
+  only CPU kernels: their callers then use the fallback, which runs on the
+  GPU)."""
+  lib = library_with(op_name)
+  if lib is None or tf.config.list_logical_devices("GPU"):
+    return None
+  return lib
+
+
 def reset_for_tests():
   """Forgets the chosen backend so that the next call chooses again."""
   global _lib, _loaded

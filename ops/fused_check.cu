@@ -60,7 +60,7 @@ struct Case {
   int64_t px, c, bytes;
   int nbits;
   bool relu;
-  std::vector<float> z, mean, sigma, scale, bias, grad;
+  std::vector<float> z, mean, sigma, scale, bias, grad, widen;
 };
 
 template <int kBits>
@@ -137,7 +137,8 @@ void HostBackward(const Case& k, const std::vector<uint8_t>& saved,
            p < ChunkBegin(j + 1, chunks, k.px); ++p) {
         bool keep;
         float h;
-        const float y = HostY(k, saved, center, p * k.c + ch, &keep, &h);
+        const float y =
+            HostY(k, saved, center, p * k.c + ch, &keep, &h) * k.widen[ch];
         const float gm = keep ? k.grad[p * k.c + ch] : 0.0f;
         const float gy = gm * y;
         s1 += gm;
@@ -159,7 +160,7 @@ void HostBackward(const Case& k, const std::vector<uint8_t>& saved,
     const int64_t ch = i % k.c;
     bool keep;
     float h;
-    const float y = HostY(k, saved, center, i, &keep, &h);
+    const float y = HostY(k, saved, center, i, &keep, &h) * k.widen[ch];
     (*act)[i] = k.relu ? Relu(h) : h;
     const float gm = keep ? k.grad[i] : 0.0f;
     (*grad_in)[i] = GradIn(gm, y, k.scale[ch], m1[ch], m2[ch], k.sigma[ch]);
@@ -179,6 +180,8 @@ Case MakeCase(std::mt19937& rng, int64_t px, int64_t c, int nbits, bool relu) {
     k.sigma.push_back(uniform(rng) * 2.0f);
     k.scale.push_back(uniform(rng));
     k.bias.push_back(normal(rng));
+    // Half the channels widened (codes spanning more than ±3), half not.
+    k.widen.push_back(ch % 2 ? 1.0f + uniform(rng) : 1.0f);
   }
   return k;
 }
@@ -215,8 +218,8 @@ int CheckCase(std::mt19937& rng, int64_t px, int64_t c, int nbits, bool relu) {
   HostBackward(k, saved, center, &act, &grad_in, &db, &ds);
 
   Device<float> z(k.z), mean(k.mean), sigma(k.sigma), scale(k.scale),
-      bias(k.bias), grad(k.grad), cen(center), d_out(n), d_act(n), d_gin(n),
-      d_db(c), d_ds(c);
+      bias(k.bias), grad(k.grad), cen(center), widen(k.widen), d_out(n),
+      d_act(n), d_gin(n), d_db(c), d_ds(c);
   Device<uint8_t> d_saved(saved.size()), scratch(GradScratchBytes(px, c));
   CHECK_CUDA(LaunchBnReluForward({z.ptr, mean.ptr, sigma.ptr, scale.ptr,
                                   bias.ptr, d_out.ptr, d_saved.ptr},
@@ -226,8 +229,8 @@ int CheckCase(std::mt19937& rng, int64_t px, int64_t c, int nbits, bool relu) {
   CHECK_CUDA(cudaMemset(d_db.ptr, 0, c * 4));
   CHECK_CUDA(cudaMemset(d_ds.ptr, 0, c * 4));
   CHECK_CUDA(LaunchBnReluGrad({grad.ptr, d_saved.ptr, scale.ptr, cen.ptr,
-                               sigma.ptr, d_gin.ptr, d_db.ptr, d_ds.ptr,
-                               scratch.ptr},
+                               sigma.ptr, widen.ptr, d_gin.ptr, d_db.ptr,
+                               d_ds.ptr, scratch.ptr},
                               px, c, nbits, relu, 0));
   CHECK_CUDA(cudaDeviceSynchronize());
   return Compare("out", k, d_out.Host(), out) +
@@ -244,7 +247,8 @@ void Throughput(std::mt19937& rng, int nbits) {
   const Case k = MakeCase(rng, px, c, nbits, true);
   const int64_t saved_bytes = nbits ? px * PackedChannels(c, nbits) : 4 * n;
   Device<float> z(k.z), mean(k.mean), sigma(k.sigma), scale(k.scale),
-      bias(k.bias), grad(k.grad), out(n), act(n), gin(n), db(c), ds(c);
+      bias(k.bias), grad(k.grad), widen(k.widen), out(n), act(n), gin(n),
+      db(c), ds(c);
   Device<uint8_t> saved(saved_bytes), scratch(GradScratchBytes(px, c)),
       copy_a(8 * n + saved_bytes), copy_b(8 * n + saved_bytes);
   auto copy_ms = [&](int64_t bytes) {
@@ -274,8 +278,8 @@ void Throughput(std::mt19937& rng, int nbits) {
   // Two reads of grad and saved (sums, then output), one write.
   report("grad", TimeMs([&] {
            CHECK_CUDA(LaunchBnReluGrad({grad.ptr, saved.ptr, scale.ptr,
-                                        bias.ptr, sigma.ptr, gin.ptr, db.ptr,
-                                        ds.ptr, scratch.ptr},
+                                        bias.ptr, sigma.ptr, widen.ptr,
+                                        gin.ptr, db.ptr, ds.ptr, scratch.ptr},
                                        px, c, nbits, true, 0));
          }),
          12 * n + 2 * saved_bytes);

@@ -8,7 +8,9 @@
 //            saved = u (full copy) or the K-bit code of a = h / cs with the
 //            offset c = b / cs (quant_common.h, bit-identical to BlpaSaveAct)
 //   restore  act = relu(h~): h~ = u * cs + b, or approx * cs from the codes
-//   grad     y = u, mask = (u*cs + b > 0); or y = approx - c, mask = q >= shift
+//   grad     y = u*w, mask = (u*cs + b > 0); or y = (approx - c)*w,
+//            mask = q >= shift (w: the per-channel widening from code units
+//            to normalized units, 1 for codes of exactly normalized values)
 //            gm = mask ? g : 0; S1 = sum gm, S2 = sum gm*y, S3 = sum y
 //            dbias = S1, dscale = S2, m1 = cs*S1/N, m2 = (cs*S2 - m1*S3)/N
 //            grad_in = ((gm*cs - m1) - y*m2) / sigma
@@ -94,6 +96,7 @@ struct GradArgs {
   const float* scale;
   const float* center;
   const float* sigma;
+  const float* widen;
   float* grad_in;
   float* dbias;
   float* dscale;

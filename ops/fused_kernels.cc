@@ -72,9 +72,11 @@ int64_t GroupPixels(int64_t channels, int nbits) {
 }
 
 // Per-channel values tiled over `group` pixels.
+// Null `values`: all ones.
 struct Tiled {
   Tiled(const float* values, int64_t channels, int64_t group)
-      : v(channels * group) {
+      : v(channels * group, 1.0f) {
+    if (values == nullptr) return;
     for (int64_t j = 0; j < group; ++j) {
       std::copy(values, values + channels, v.begin() + j * channels);
     }
@@ -157,14 +159,17 @@ inline const uint8_t* RowCodes(const uint8_t* packed, int64_t len,
 }
 
 // Tables shared by the three ops, tiled for one row of `group` pixels.
+// `widen` (the gradient's y = saved value * widen) is all ones when null.
 struct RowTables {
-  RowTables(const Geometry& g, const float* scale, const float* center)
+  RowTables(const Geometry& g, const float* scale, const float* center,
+            const float* widen = nullptr)
       : group(GroupPixels(g.channels, g.nbits)),
         cs(scale, g.channels, group),
         center(center, g.channels, group),
+        widen(widen, g.channels, group),
         codes(center, g.channels, group, g.nbits) {}
   int64_t group;
-  Tiled cs, center;
+  Tiled cs, center, widen;
   CodeTables codes;
 };
 
@@ -228,11 +233,12 @@ inline void MaskedRow(const float* __restrict g, const void* saved,
                       int64_t k0 = 0) {
   const float* __restrict cs = t.cs.data() + k0;
   const float* __restrict c = t.center.data() + k0;
+  const float* __restrict w = t.widen.data() + k0;
   if (kBits == 0) {
     const float* __restrict u = static_cast<const float*>(saved);
     for (int64_t k = 0; k < len; ++k) {
       const bool keep = !kRelu || PreActivation(u[k], cs[k], c[k]) > 0.0f;
-      y[k] = u[k];
+      y[k] = u[k] * w[k];
       gm[k] = keep ? g[k] : 0.0f;
     }
     return;
@@ -243,7 +249,7 @@ inline void MaskedRow(const float* __restrict g, const void* saved,
   const uint8_t* __restrict th = t.codes.threshold.data() + k0;
   for (int64_t k = 0; k < len; ++k) {
     const bool keep = !kRelu || q[k] > th[k];
-    y[k] = Quant<kBits == 0 ? 8 : kBits>::Approx(q[k], s[k]) - c[k];
+    y[k] = (Quant<kBits == 0 ? 8 : kBits>::Approx(q[k], s[k]) - c[k]) * w[k];
     gm[k] = keep ? g[k] : 0.0f;
   }
 }
@@ -298,11 +304,13 @@ template <int kBits, bool kRelu>
 inline void MaskedPacket(const float* g, const void* saved,
                          const RowTables& t, int64_t k, V8* y, V8* gm) {
   const V8 cs = Load8(t.cs.data() + k), c = Load8(t.center.data() + k);
+  const V8 w = Load8(t.widen.data() + k);
   V8i keep;
   if (kBits == 0) {
-    *y = Load8(static_cast<const float*>(saved));
-    const V8 h = *y * cs;
+    const V8 u = Load8(static_cast<const float*>(saved));
+    const V8 h = u * cs;
     keep = (h + c) > V8{};
+    *y = u * w;
   } else {
     constexpr int kB = kBits == 0 ? 8 : kBits;
     const uint8_t* bytes = static_cast<const uint8_t*>(saved);
@@ -322,7 +330,7 @@ inline void MaskedPacket(const float* g, const void* saved,
     const V8i shift = Load8i(t.codes.shift.data() + k);
     const V8 approx =
         (__builtin_convertvector(q - shift, V8) + 0.5f) * Quant<kB>::kWidth;
-    *y = approx - c;
+    *y = (approx - c) * w;
     keep = q >= shift;
   }
   if (!kRelu) keep = ~V8i{};
@@ -546,7 +554,7 @@ struct CpuImpl {
   static void Grad(OpKernelContext* ctx, const Geometry& g,
                    const GradArgs& a) {
     const int64_t c = g.channels;
-    const RowTables t(g, a.scale, a.center);
+    const RowTables t(g, a.scale, a.center, a.widen);
     std::vector<float> m1(c), m2(c);
     Sums(ctx, g, a, t, m1.data(), m2.data());
     const Tiled tm1(m1.data(), c, t.group), tm2(m2.data(), c, t.group),
@@ -922,7 +930,8 @@ class GradOp : public FusedOpBase {
     const Tensor& grad = ctx->input(0);
     SetChannels(ctx, grad.dim_size(3), &g);
     if (!ctx->status().ok()) return;
-    CheckChannelInputs(ctx, {2, 3, 4}, {"scale", "center", "sigma"}, g);
+    CheckChannelInputs(ctx, {2, 3, 4, 5},
+                       {"scale", "center", "sigma", "widen"}, g);
     if (!ctx->status().ok()) return;
     CheckSaved(ctx, 1, grad.shape(), g);
     if (!ctx->status().ok()) return;
@@ -937,7 +946,8 @@ class GradOp : public FusedOpBase {
                                              &dscale));
     // With no pixels, the kernels still write dbias = dscale = 0.
     const GradArgs a{In(ctx, 0), ctx->input(1).data(), In(ctx, 2),
-                     In(ctx, 3), In(ctx, 4), grad_in->flat<float>().data(),
+                     In(ctx, 3), In(ctx, 4), In(ctx, 5),
+                     grad_in->flat<float>().data(),
                      dbias->flat<float>().data(),
                      dscale->flat<float>().data(), nullptr};
     Impl<Device>::Grad(ctx, g, relu_, a);

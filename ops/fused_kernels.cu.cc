@@ -142,7 +142,8 @@ __global__ void GradSums(const GradArgs a, int64_t pixels, int64_t channels,
       bool keep;
       float h;
       const float y = SavedY<kBits>(a.saved, a.scale, a.center, channels,
-                                    bytes, i, relu, &keep, &h);
+                                    bytes, i, relu, &keep, &h) *
+                      a.widen[k];
       const float gm = keep ? a.grad[i] : 0.0f;
       const float gy = gm * y;
       s1 += static_cast<double>(gm);
@@ -188,7 +189,8 @@ struct GradOutBody {
     bool keep;
     float h;
     const float y = SavedY<kBits>(a.saved, a.scale, a.center, channels, bytes,
-                                  i, relu, &keep, &h);
+                                  i, relu, &keep, &h) *
+                    a.widen[k];
     const float gm = keep ? a.grad[i] : 0.0f;
     a.grad_in[i] = GradIn(gm, y, a.scale[k], m1[k], m2[k], a.sigma[k]);
   }

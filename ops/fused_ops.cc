@@ -5,7 +5,7 @@
 //   BlpaBnMoments      z                           -> mean, variance
 //   BlpaBnReluForward  z, mean, sigma, scale, bias -> out, saved
 //   BlpaBnReluRestore  saved, scale, center        -> act
-//   BlpaBnReluGrad     grad, saved, scale, center, sigma
+//   BlpaBnReluGrad     grad, saved, scale, center, sigma, widen
 //                                                  -> grad_in, dbias, dscale
 //
 // `saved` is the full copy u (T = float, nbits = 0) or the packed K-bit codes
@@ -150,7 +150,8 @@ absl::Status GradShape(InferenceContext* c) {
   TF_RETURN_IF_ERROR(WithRank(c, 0, 4, "grad", &grad));
   DimensionHandle channels = c->Dim(grad, 3);
   TF_RETURN_IF_ERROR(ChannelInputs(
-      c, {{2, "scale"}, {3, "center"}, {4, "sigma"}}, &channels));
+      c, {{2, "scale"}, {3, "center"}, {4, "sigma"}, {5, "widen"}},
+      &channels));
   TF_RETURN_IF_ERROR(c->ReplaceDim(grad, 3, channels, &grad));
   TF_RETURN_IF_ERROR(CheckSaved(c, 1, grad, channels, nbits));
   c->set_output(0, grad);
@@ -202,13 +203,16 @@ REGISTER_OP("BlpaBnReluRestore")
     .SetShapeFn(blpa::fused::RestoreShape);
 
 // BlpaBnReluGrad: the ReLU mask, BN backward, bias and scale gradients from
-// the gradient w.r.t. out (see fused_common.h).
+// the gradient w.r.t. out (see fused_common.h). `widen` [C] multiplies the
+// saved copy's value into the normalized value y (ones for codes of exactly
+// normalized values; > 1 for codes whose range was widened per channel).
 REGISTER_OP("BlpaBnReluGrad")
     .Input("grad: float")
     .Input("saved: T")
     .Input("scale: float")
     .Input("center: float")
     .Input("sigma: float")
+    .Input("widen: float")
     .Output("grad_in: float")
     .Output("dbias: float")
     .Output("dscale: float")

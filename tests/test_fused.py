@@ -87,6 +87,50 @@ def test_grad_matches_gradient_tape(nbits):
                                err_msg=name)
 
 
+def _widened(shape, nbits, seed, relu=True):
+  """bn_relu_grad from codes of ``h / (scale * widen)`` (numpy outputs)
+  and the inputs; widen 1 on even channels, up to 3 on odd ones."""
+  z, mean, sigma, scale, bias, grad = _inputs(shape, seed)
+  c = shape[3]
+  rng = np.random.default_rng(seed + 100)
+  widen = np.where(np.arange(c) % 2 == 1, rng.uniform(1.0, 3.0, c), 1.0)
+  widen = tf.constant(widen.astype(np.float32))
+  u = (z - mean) / sigma
+  h = u * scale + bias
+  if nbits:
+    wide = scale * widen
+    saved, center = quant.save_act(h / wide, bias / wide, nbits), bias / wide
+  else:
+    saved, center = u / widen, bias
+  got = fused.bn_relu_grad(grad, saved, scale, center, sigma, nbits, relu,
+                           widen=widen)
+  return [t.numpy() for t in got], (z, scale, bias, grad)
+
+
+@pytest.mark.parametrize('shape,nbits', CASES)
+def test_widened_grad_native_matches_fallback(shape, nbits):
+  with use_backend('native'):
+    got, _ = _widened(shape, nbits, 5)
+  with use_backend('python'):
+    want, _ = _widened(shape, nbits, 5)
+  for name, g, w in zip(('grad_in', 'dbias', 'dscale'), got, want):
+    np.testing.assert_array_equal(g, w, err_msg=name)
+
+
+def test_widened_grad_matches_gradient_tape():
+  """Codes over a widened range (8 bits, nothing clipped): the gradients of
+  BN+ReLU w.r.t. z, bias and scale, as from autodiff."""
+  got, (z, scale, bias, grad) = _widened((4, 5, 5, 6), 8, 6)
+  with tf.GradientTape() as tape:
+    tape.watch([z, scale, bias])
+    mean, var = tf.nn.moments(z, axes=[0, 1, 2])
+    out = tf.nn.relu((z - mean) / tf.sqrt(var + EPSILON) * scale + bias)
+  want = tape.gradient(out, [z, bias, scale], output_gradients=grad)
+  for name, g, w in zip(('grad_in', 'dbias', 'dscale'), got, want):
+    np.testing.assert_allclose(g, w.numpy(), atol=5e-2 * np.abs(w).max(),
+                               err_msg=name)
+
+
 def test_restore_matches_codes():
   z, mean, sigma, scale, bias, _ = _inputs((2, 4, 4, 7), 3)
   _, codes = fused.bn_relu_forward(z, mean, sigma, scale, bias, 4)
@@ -112,7 +156,9 @@ def test_kernels_reject_bad_inputs():
     lib.blpa_bn_relu_restore(z, c3, c3, nbits=4)
   with pytest.raises(tf.errors.InvalidArgumentError, match='saved must have'):
     lib.blpa_bn_relu_grad(z, tf.zeros([2, 2, 2, 3], tf.uint8), c3, c3, c3,
-                          nbits=4)
+                          c3, nbits=4)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='widen must have'):
+    lib.blpa_bn_relu_grad(z, z, c3, c3, c3, c4, nbits=0)
   with pytest.raises(tf.errors.InvalidArgumentError, match='rank 4'):
     lib.blpa_bn_relu_restore(tf.zeros([2, 3]), c3, c3, nbits=0)
 
@@ -142,6 +188,8 @@ def test_wrappers_reject_bad_inputs(backend):
       fused.bn_relu_grad(z, tf.zeros([2, 2, 2, 3], tf.uint8), c3, c3, c3, 4)
     with pytest.raises(ValueError, match='saved has shape'):
       fused.bn_relu_grad(z, tf.zeros([2, 2, 1, 3]), c3, c3, c3, 0)
+    with pytest.raises(ValueError, match='widen has length 4'):
+      fused.bn_relu_grad(z, z, c3, c3, c3, 0, widen=tf.ones([4]))
 
 
 @pytest.mark.parametrize('shape', [(1, 1, 1, 1), (2, 5, 3, 13), (3, 4, 4, 33),

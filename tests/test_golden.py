@@ -12,10 +12,14 @@ import pytest
 from tests import helpers
 
 # Largest allowed weight error, as a fraction of how far that weight moved
-# during the run.  Step 1 and qtype 0/8 agree to float32 rounding. At qtype 4
-# a value on a 4-bit bin edge may fall in the neighbouring bin in the third
-# step, which moves the weights by a few thousandths of their movement.
-TOLERANCE = {'step1': 1e-3, 'q0': 1e-3, 'q8': 1e-3, 'q4': 2e-2}
+# during the run.  Step 1 and qtype 0 agree to float32 rounding. With codes,
+# a value on a bin edge may fall in the neighbouring bin when TensorFlow's
+# convolutions round differently, which moves the weights by a few
+# thousandths of their movement: at qtype 4 in the third step; at qtype 8 on
+# an AMD EPYC (AVX2, no AVX-512) with oneDNN off as in these tests, up to
+# 6.5e-3 (the same code with oneDNN on: 5.5e-4; forward losses equal to 2e-7
+# either way).
+TOLERANCE = {'step1': 1e-3, 'q0': 1e-3, 'q8': 1e-2, 'q4': 2e-2}
 
 
 def _load(name):

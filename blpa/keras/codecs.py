@@ -4,7 +4,7 @@ A codec is made in the forward pass from a tensor and gives back, in the
 backward pass, the tensor itself (:class:`Exact`, ``bits=0``) or an
 approximation of it (:class:`MinMax`: ``bits`` per value, per-channel
 minimum and maximum). Boolean masks (ReLU, Dropout) are packed eight to a
-byte (:func:`pack_mask`). The K-bit codes are those of :mod:`blpa.quant`
+byte by :mod:`blpa.masks`. The K-bit codes are those of :mod:`blpa.quant`
 (native ops when built, else its pure-TF fallback).
 """
 
@@ -14,9 +14,6 @@ import numpy as np
 import tensorflow as tf
 
 from blpa import quant
-
-_BIT_WEIGHTS = tf.constant([1, 2, 4, 8, 16, 32, 64, 128], tf.uint8)
-
 
 def as_4d(x):
   """``x`` reshaped to ``[N, H, W, C]`` for the quantization ops.
@@ -135,26 +132,6 @@ def after(outputs, tensors):
     return outputs
   with tf.control_dependencies(tensors):
     return tf.nest.map_structure(tf.identity, outputs)
-
-
-def pack_mask(mask):
-  """Packs a boolean tensor eight values to a byte.
-
-  Returns:
-    ``(packed, shape)``: uint8 ``[ceil(size/8)]`` and the int32 shape.
-  """
-  shape = tf.shape(mask)
-  flat = tf.cast(tf.reshape(mask, [-1]), tf.uint8)
-  flat = tf.pad(flat, [[0, (-tf.size(flat)) % 8]])
-  # Distinct powers of two: the sum is the bitwise or, and fits a byte.
-  return tf.reduce_sum(tf.reshape(flat, [-1, 8]) * _BIT_WEIGHTS, axis=1), shape
-
-
-def unpack_mask(packed, shape):
-  """Inverse of :func:`pack_mask`: the boolean tensor of that shape."""
-  bits = tf.bitwise.bitwise_and(packed[:, None], _BIT_WEIGHTS) > 0
-  flat = tf.reshape(bits, [-1])[:tf.reduce_prod(shape)]
-  return tf.reshape(flat, shape)
 
 
 # ---------------------------------------------------------------------------

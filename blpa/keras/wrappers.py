@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from blpa import quant
+from blpa import masks as masks_lib, quant
 
 try:  # one-pass BN+ReLU kernels, when the package has them
   from blpa import fused
@@ -140,20 +140,18 @@ class BatchNormCopy:
     self.mean, self.variance = mean, variance
     self.inv_sigma = tf.math.rsqrt(variance + self.epsilon)
     if bits:
-      scale = tf.maximum(tf.abs(self.gamma), _SCALE_MIN)
+      self.scale = scale = tf.maximum(tf.abs(self.gamma), _SCALE_MIN)
       self.widen = code_widening(h, self.beta, scale, bits)
       self.cs = scale if self.widen is None else scale * self.widen
       self.sign = tf.where(self.gamma < 0, -1.0, 1.0)
       self.offset = self.beta / self.cs
       self.codes = quant.save_scaled_act(codecs.as_4d(h), self.cs,
                                             self.offset, bits)
-      self.upper = codecs.pack_mask(h < 6.0) if act == 'relu6' else None
-      # blpa.fused's one-pass kernels fit 4-D BN (+ ReLU) on batch stats;
-      # its backward takes codes of exactly normalized values (no widening).
+      self.upper = masks_lib.pack(h < 6.0) if act == 'relu6' else None
+      # blpa.fused's one-pass kernels fit 4-D BN (+ ReLU) on batch stats.
       self.fused = fused is not None and z.shape.rank == 4 and batch_stats
-      self.fused_grad = self.fused and self.widen is None
     else:
-      self.fused = self.fused_grad = False
+      self.fused = False
       self.z = z
 
   def normalized(self):
@@ -167,7 +165,7 @@ class BatchNormCopy:
       h = approx * self.cs
       masks = [tf.reshape(lower, self.shape)] if self.act else []
       if self.upper is not None:
-        masks.append(codecs.unpack_mask(*self.upper))
+        masks.append(masks_lib.unpack(*self.upper))
     else:
       y_norm = (self.z - self.mean) * self.inv_sigma
       h = ops.batch_normalization(x=self.z, mean=self.mean,
@@ -189,12 +187,14 @@ class BatchNormCopy:
 
   def grad(self, dout):
     """``(dz, dgamma, dbeta)`` from the gradient of the output."""
-    if self.fused_grad:
+    if self.fused:
       if self.upper is not None:  # ReLU6: the upper mask, then as ReLU
-        dout = tf.where(codecs.unpack_mask(*self.upper), dout, 0.0)
+        dout = masks_lib.select(dout, self.upper[0])
+      # y = widen * (approx - offset) = sign * u; the gradient is scaled
+      # by |gamma| (the unwidened scale), hence the signs.
       dz, dbeta, dscale = fused.bn_relu_grad(
-          dout, self.codes, self.cs, self.offset, 1.0 / self.inv_sigma,
-          self.bits, relu=bool(self.act))
+          dout, self.codes, self.scale, self.offset, 1.0 / self.inv_sigma,
+          self.bits, relu=bool(self.act), widen=self.widen)
       return self.sign * dz, self.sign * dscale, dbeta
     y_norm, _, masks = self.normalized()
     for mask in masks:
@@ -308,12 +308,12 @@ def run_masked(layer, x, keep_fn, scale=1.0, **kwargs):
 
   def forward(xs):
     out = layer(xs[0], **kwargs)
-    packed = codecs.pack_mask(keep_fn(out))
-    out = codecs.after(out, packed[:1])
+    packed, _ = masks_lib.pack(keep_fn(out))
+    out = codecs.after(out, [packed])
 
     def grad(douts):
-      mask = _after(douts, lambda: codecs.unpack_mask(*packed))
-      return [tf.where(mask, douts[0] * scale, 0.0)], []
+      return [_after(douts, lambda: masks_lib.select(douts[0], packed,
+                                                     scale))], []
 
     return out, grad
 
@@ -331,12 +331,12 @@ def run_max_pool_mask(layer, x):
     x_shape = tf.shape(xs[0])
     up = backward.repeat2d(out, ph, pw)
     size = tf.shape(up)
-    packed = codecs.pack_mask(xs[0][:, :size[1], :size[2]] == up)
-    out = codecs.after(out, packed[:1])
+    packed, _ = masks_lib.pack(xs[0][:, :size[1], :size[2]] == up)
+    out = codecs.after(out, [packed])
 
     def grad(douts):
-      mask = _after(douts, lambda: codecs.unpack_mask(*packed))
-      g = tf.where(mask, backward.repeat2d(douts[0], ph, pw), 0.0)
+      g = _after(douts, lambda: masks_lib.select(
+          backward.repeat2d(douts[0], ph, pw), packed))
       pad = x_shape[1:3] - size[1:3]
       return [tf.pad(g, [[0, 0], [0, pad[0]], [0, pad[1]], [0, 0]])], []
 
