@@ -294,8 +294,8 @@ def save_scaled_act(act, scale, offset, nbits):
     raise ValueError(
         f"scale length ({scale.shape[0]}) must equal the number of channels "
         f"C of act ({channels}); act shape {act.shape}")
-  lib = native.library_with("blpa_save_scaled_act")
-  if lib is None or tf.config.list_logical_devices("GPU"):
+  lib = native.cpu_library_with("blpa_save_scaled_act")
+  if lib is None:
     return save_act(act / scale, offset, nbits)
   return lib.blpa_save_scaled_act(act, offset, scale, nbits=nbits)
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from blpa import quant
 
+
 def as_4d(x):
   """``x`` reshaped to ``[N, H, W, C]`` for the quantization ops.
 
