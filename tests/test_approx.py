@@ -304,6 +304,14 @@ def test_approximate_model():
     approx.approximate(base, 0.5, skip=["nope"])
 
 
+def test_approximate_mlp_keeps_input_layer_exact():
+  """Without a Conv2D, 'ends' keeps the first and the last Dense exact."""
+  model = approx.approximate(nets.mlp(16, (8, 8, 8)), 0.5)
+  kinds = [type(l).__name__ for l in model.layers
+           if isinstance(l, keras.layers.Dense)]
+  assert kinds == ["Dense", "ApproxDense", "ApproxDense", "Dense"]
+
+
 def test_training_macs():
   """MACs counted per product: a hand count, and the WRN saving at 0.5."""
   model = approx.approximate(nets.mlp(64, (500, 500)), 0.5, skip=None)
@@ -373,18 +381,22 @@ def test_experiment_compare_runs():
   data = (x_train[:256], y_train[:256], x_test[:64], y_test[:64])
   rows = experiments.compare("mlp", lambda: nets.mlp(64, (32, 32)), data, 1,
                              64, 0.05, skip=None,
-                             arms=[(1.0, 0.0), (0.5, 0.0), (0.5, 0.5)])
+                             arms=[(1.0, 0.0), (0.5, 0.0), (0.5, 0.5),
+                                   (0.5, 0.0, "ends")])
   assert [(r["ratio"], r["exact_tail"]) for r in rows] == [
-      (1.0, 0.0), (0.5, 0.0), (0.5, 0.5)]
+      (1.0, 0.0), (0.5, 0.0), (0.5, 0.5), (0.5, 0.0)]
   assert rows[0]["macs_saved"] == 0 and rows[1]["macs_saved"] == 0.5
-  assert [r["exact_tail_steps"] for r in rows] == [0, 0, 2]
+  assert 0 < rows[3]["macs_saved"] < 0.5  # its first and last layer exact
+  assert [r["exact_tail_steps"] for r in rows] == [0, 0, 2, 0]
   assert rows[2]["schedule_macs_saved"] == pytest.approx(0.5 * 2 / 4)
   assert all(r["steps"] == 4 and r["step_time_s"] > 0 and
              r["schedule_speedup"] > 0 and 0 <= r["test_accuracy"] <= 1
              for r in rows)
   assert rows[1]["selection"]["steps"] == 2
   assert "selection" not in rows[2]
-  assert "| 0.5, exact last 50% |" in "\n".join(experiments._table(rows))
+  table = "\n".join(experiments._table(rows))
+  assert "| 0.5, exact last 50% |" in table
+  assert "| 0.5, ends exact |" in table
 
 
 def test_experiment_summary_pairs_seeds():

@@ -13,10 +13,15 @@ _REPLACEMENTS = {
 
 
 def _default_skip(model):
-  """Names of the first Conv2D and the last Dense layer of the model."""
+  """Names of the layer that reads the input features and of the classifier.
+
+  The first is the first Conv2D, or the first Dense in a model without one
+  (an MLP: sampling its input features discards what no later layer can
+  recover, docs/approx.md); the classifier is the last Dense.
+  """
   convs = [l.name for l in model.layers if type(l) is keras.layers.Conv2D]
   denses = [l.name for l in model.layers if type(l) is keras.layers.Dense]
-  return set(convs[:1]) | set(denses[-1:])
+  return set(convs[:1] or denses[:1]) | set(denses[-1:])
 
 
 def _skip_names(model, skip):
@@ -53,8 +58,9 @@ def approximate(model, sample_ratio, minimal_k=1, mode="forward",
     minimal_k: the layers' minimal number of kept features.
     mode: ``'forward'``, ``'backward'`` or ``'blackbox'``.
     sampler: ``'topk'``, ``'crs'``, ``'bernoulli'`` or ``'weight_topk'``.
-    skip: ``'ends'`` (default) keeps the first Conv2D and the last Dense
-      layer exact, as in the paper's ImageNet runs; a collection of layer
+    skip: ``'ends'`` (default) keeps the first Conv2D (in a model without
+      one, the first Dense) and the last Dense layer exact, as in the
+      paper's ImageNet runs; a collection of layer
       names keeps those exact; None or ``()`` replaces every layer.
     seed: base seed of the random samplers (layer i uses ``seed + i``).
 

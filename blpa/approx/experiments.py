@@ -2,20 +2,22 @@
 
 Usage::
 
-    python -m blpa.approx.experiments                 # ~18 min on 2 cores
+    python -m blpa.approx.experiments                 # ~21 min on 2 cores
     python -m blpa.approx.experiments --quick         # a smoke run
 
 For each network (the 64-500-500-10 MLP on scikit-learn's bundled digits,
-all three layers sampled, for each of ``--mlp-seeds``; a WRN-16-4 for 8
-epochs, for each of ``--seeds``, and a WRN-10-2 for 10 epochs, on the
-digits upsampled to 32×32×3, first conv and last dense exact) the exact
-model and its copies (topk, forward mode) start from the same weights
-(initialized with that seed) and train in lockstep on the same batches
-(the same test split for every seed) with the same schedule
-(SGD, momentum 0.9, cosine learning rate). The copies sample at ratios 0.5
-and 0.33 and train the final ``--exact-tail`` share of the steps exactly
-(:mod:`blpa.approx.phases`); the MLP and the WRN-10-2 also have a ratio-0.5
-copy that samples to the end. Each step runs the models in rotating order,
+for each of ``--mlp-seeds``; a WRN-16-4 for 8 epochs, for each of
+``--seeds``, and a WRN-10-2 for 10 epochs, on the digits upsampled to
+32×32×3) the exact model and its copies (topk, forward mode; the layer
+that reads the input and the last dense layer exact, ``skip='ends'``)
+start from the same weights (initialized with that seed) and train in
+lockstep on the same batches (the same test split for every seed) with the
+same schedule (SGD, momentum 0.9, cosine learning rate). The WRNs' copies
+sample at ratios 0.5 and 0.33 and train the final ``--exact-tail`` share
+of the steps exactly (:mod:`blpa.approx.phases`); the WRN-10-2 also has a
+ratio-0.5 copy that samples to the end. The MLP's copies sample to the end
+at 0.5 and 0.33, and two more sample all three layers (the paper's MNIST
+choice) at 0.5, one of them with the exact tail. Each step runs the models in rotating order,
 so that the wall times per step (medians) are measured side by side.
 Reported: multiply-adds per sampled step and over the schedule (counted per
 product actually run, :mod:`blpa.approx.macs`), median sampled step time,
@@ -46,6 +48,7 @@ import numpy as np
 __all__ = ["main"]
 
 RATIOS = (1.0, 0.5, 0.33)
+_DEFAULT = object()  # an arm without a skip of its own
 EXACT_TAIL = 0.2  # share of final steps trained exactly (docs/approx.md)
 
 
@@ -209,7 +212,8 @@ def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
     arms: ``(sample_ratio, exact_tail)`` pairs: the copies trained, each
       sampling at its ratio except for the final ``exact_tail`` share of the
       steps (:mod:`blpa.approx.phases`); ratio 1 is the exact model itself.
-      Default: ratios 1, 0.5, 0.33 without a tail.
+      A third item overrides ``skip`` for that copy (its label then names
+      it). Default: ratios 1, 0.5, 0.33 without a tail.
     seed: seed of the batch order, of the samplers and of Keras's global
       random state (initializers without a seed of their own; ``build``
       passes its seed to those that have one).
@@ -233,8 +237,10 @@ def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
   base = build()
   steps = epochs * (len(y_train) // batch)
   trainers = []
-  for ratio, tail in arms:
-    model = base if ratio == 1.0 else approximate(base, ratio, skip=skip,
+  arms = [tuple(arm) + (_DEFAULT,) * (3 - len(arm)) for arm in arms]
+  for ratio, tail, own_skip in arms:
+    layers = skip if own_skip is _DEFAULT else own_skip
+    model = base if ratio == 1.0 else approximate(base, ratio, skip=layers,
                                                   sampler=sampler, seed=seed)
     trainer = _Trainer(model, _cosine(lr, steps))
     if ratio < 1.0:
@@ -247,7 +253,7 @@ def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
                                   np.random.default_rng(seed))
   exact_macs = macs.training_macs(base, batch)["total"]
   rows = []
-  for (ratio, tail), trainer, loss in zip(arms, trainers, losses):
+  for (ratio, tail, own_skip), trainer, loss in zip(arms, trainers, losses):
     raw = trainer.accuracy(x_test, y_test)
     recalibrate_batch_norm(trainer.model, [x_train[i:i + batch] for i in
                                            range(0, calib * batch, batch)])
@@ -261,7 +267,8 @@ def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
                                      steps) if ratio < 1 else 0.0,
         final_loss=float(loss), test_accuracy_raw=raw,
         test_accuracy=trainer.accuracy(x_test, y_test),
-        calibration_batches=calib)
+        calibration_batches=calib,
+        exact_layers=None if own_skip is _DEFAULT else _skip_label(own_skip))
     row.update(_timing(trainer, trainers[0].times))
     if trainer.recorder is not None:
       row["selection"] = trainer.recorder.summary()
@@ -341,10 +348,19 @@ def _communication_subprocess(args):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _skip_label(skip):
+  """How an arm's own ``skip`` reads in its label."""
+  if skip == "ends":
+    return "ends exact"
+  return ", ".join(sorted(skip)) + " exact" if skip else "all layers sampled"
+
+
 def _arm(r):
-  """The arm's label: its ratio, and its exact tail if it has one."""
+  """The arm's label: its ratio, its own exact layers if it has them, and
+  its exact tail if it has one."""
+  layers = f", {r['exact_layers']}" if r.get("exact_layers") else ""
   tail = f", exact last {100 * r['exact_tail']:g}%" if r["exact_tail"] else ""
-  return f"{r['ratio']:g}{tail}"
+  return f"{r['ratio']:g}{layers}{tail}"
 
 
 def _table(rows):
@@ -527,12 +543,14 @@ def main(argv=None):
   started = time.time()
   tail = args.exact_tail
   with_plain = [(1.0, 0.0), (0.5, 0.0), (0.5, tail), (0.33, tail)]
+  mlp_arms = [(1.0, 0.0), (0.5, 0.0), (0.33, 0.0), (0.5, 0.0, None),
+              (0.5, tail, None)]
   rows = []
   mlp = "MLP 64-500-500-10, digits"
   for seed in args.mlp_seeds:
     rows += compare(_seeded(mlp, seed, args.mlp_seeds),
                     lambda: nets.mlp(seed=seed), digits(), args.mlp_epochs,
-                    64, 0.05, skip=None, arms=with_plain, seed=seed,
+                    64, 0.05, skip="ends", arms=mlp_arms, seed=seed,
                     track_ratio=0.5 if seed == args.mlp_seeds[0] else None)
   images = digits(32)
   wrn = f"WRN-{args.depth}-{args.width}, {args.wrn_epochs} epochs"
