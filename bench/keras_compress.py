@@ -4,6 +4,7 @@ One command::
 
   python bench/keras_compress.py            # writes bench/results/keras_compress.{md,json}
   python bench/keras_compress.py --quick    # smaller sizes, for a smoke run
+  python bench/keras_compress.py --time-only --rounds 7   # step times, 4 and 8 bits
 
 Peak memory: one training step (GradientTape + SGD momentum in tf.function,
 what ``fit`` runs), each configuration in a fresh process with the BFC
@@ -112,16 +113,66 @@ def measure_peak(model, bits, batch, rblocks=18, timeout=900):
   return got
 
 
-def step_time_ratio(name, bits, batch, rblocks=18, rounds=5):
-  """Median step seconds of plain and compressed steps, interleaved."""
+def step_times(name, bits_list, batch, rblocks=18, rounds=5):
+  """Median step seconds of plain Keras and of ``compress(model, bits)``
+  for each bits in ``bits_list``, all steps interleaved in one process.
+
+  Returns:
+    dict: ``'plain'`` and each bits (int) → median seconds.
+  """
   plain_model, size = build_model(name, rblocks)
   from blpa.keras import compress  # pylint: disable=import-outside-toplevel
-  steps = {'plain': train_step(plain_model, batch, size),
-           'blpa': train_step(compress(plain_model, bits), batch, size)}
+  steps = {'plain': train_step(plain_model, batch, size)}
+  for bits in bits_list:
+    steps[bits] = train_step(compress(plain_model, bits), batch, size)
   from bench.timing import interleaved_times  # pylint: disable=import-outside-toplevel
   times = interleaved_times(steps, rounds, warmup=1)  # warm-up: the trace
-  med = {k: statistics.median(v) for k, v in times.items()}
-  return med['plain'], med['blpa']
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_time_ratio(name, bits, batch, rblocks=18, rounds=5):
+  """Median step seconds of plain and compressed steps, interleaved."""
+  med = step_times(name, [bits], batch, rblocks, rounds)
+  return med['plain'], med[bits]
+
+
+def time_all(args):
+  """``--time-only``: plain, compress(4) and compress(8) step times of each
+  model, interleaved in one process per model; writes
+  ``keras_step_time.{md,json}``."""
+  names = args.models.split(',')
+  batches = ([int(b) for b in args.batches.split(',')] if args.batches else
+             [16 if args.quick else 64] * len(names))
+  rows = []
+  for name, batch in zip(names, batches):
+    med = step_times(name, (4, 8), batch, args.rblocks, args.rounds)
+    rows.append(dict(model=name, batch=batch, rounds=args.rounds,
+                     plain_s=med['plain'], bits4_s=med[4], bits8_s=med[8]))
+    print(json.dumps(rows[-1]), flush=True)
+  write_step_times(rows, args)
+  return rows
+
+
+def write_step_times(rows, args):
+  """Writes ``keras_step_time.{json,md}`` (rows of :func:`time_all`)."""
+  os.makedirs(RESULTS, exist_ok=True)
+  with open(os.path.join(RESULTS, 'keras_step_time.json'), 'w') as f:
+    json.dump(dict(args=vars(args), results=rows), f, indent=1)
+  onednn = os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default (on)')
+  lines = ['# blpa.keras.compress step time vs plain Keras', '',
+           'One training step (GradientTape + SGD momentum, tf.function), '
+           'CPU; plain, bits 4 and bits 8 steps interleaved in one process '
+           f'per model, medians of {args.rounds} rounds after a warm-up; '
+           f'oneDNN {onednn}.', '',
+           '| model | batch | plain s | bits 4 s | × plain | bits 8 s | '
+           '× plain |', '|---|---|---|---|---|---|---|']
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['batch']} | {r['plain_s']:.3f} | "
+                 f"{r['bits4_s']:.3f} | {r['bits4_s'] / r['plain_s']:.2f} | "
+                 f"{r['bits8_s']:.3f} | {r['bits8_s'] / r['plain_s']:.2f} |")
+  with open(os.path.join(RESULTS, 'keras_step_time.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
 
 
 class _PeakRunner:
@@ -196,6 +247,10 @@ def main(argv=None):
                       help='interleaved timing rounds')
   parser.add_argument('--no-time', action='store_true',
                       help='skip the step-time comparison')
+  parser.add_argument('--time-only', action='store_true',
+                      help='only step times: plain, bits 4 and bits 8 '
+                      'interleaved (default batch 64; --rounds), written to '
+                      'keras_step_time.{md,json}')
   parser.add_argument('--tries', type=int, default=3,
                       help='probes (fresh processes) per largest-batch search')
   parser.add_argument('--probe-timeout', type=int, default=900,
@@ -207,6 +262,8 @@ def main(argv=None):
   if args.peak_of:
     args.model = args.peak_of
     return peak_main(args)
+  if args.time_only:
+    return time_all(args)
   return run_all(args)
 
 

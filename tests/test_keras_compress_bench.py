@@ -23,3 +23,17 @@ def test_largest_batch_says_what_the_probes_bound(best, trials, line, text):
   """A verified batch reads as exact, bracketed by the smallest failing
   probe above it, or a lower bound when no probe above it failed."""
   assert keras_compress._max_batch(_row(best, trials, line), 'blpa') == text
+
+
+def test_time_only_writes_the_step_time_table(tmp_path, monkeypatch):
+  """--time-only times plain, bits 4 and bits 8 in one process and writes
+  the table (a ResNet-8 at batch 4, one round)."""
+  monkeypatch.setattr(keras_compress, 'RESULTS', str(tmp_path))
+  rows = keras_compress.main(['--time-only', '--models', 'resnet164',
+                              '--batches', '4', '--rblocks', '1',
+                              '--rounds', '1'])
+  assert [r['model'] for r in rows] == ['resnet164']
+  assert all(rows[0][k] > 0 for k in ('plain_s', 'bits4_s', 'bits8_s'))
+  table = (tmp_path / 'keras_step_time.md').read_text()
+  assert '| resnet164 | 4 |' in table
+  assert (tmp_path / 'keras_step_time.json').exists()
