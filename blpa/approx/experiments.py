@@ -17,8 +17,9 @@ sample at ratios 0.5 and 0.33 and train the final ``--exact-tail`` share
 of the steps exactly (:mod:`blpa.approx.phases`); the WRN-10-2 also has a
 ratio-0.5 copy that samples to the end. The MLP's copies sample to the end
 at 0.5 and 0.33, and two more sample all three layers (the paper's MNIST
-choice) at 0.5, one of them with the exact tail. Each step runs the models in rotating order,
-so that the wall times per step (medians) are measured side by side.
+choice) at 0.5, one of them with the exact tail. Each step runs the models
+in rotating order, so that the wall times per step (medians) are measured
+side by side.
 Reported: multiply-adds per sampled step and over the schedule (counted per
 product actually run, :mod:`blpa.approx.macs`), median sampled step time,
 its speed-up and the whole schedule's (each phase's median against the
@@ -571,7 +572,9 @@ def main(argv=None):
           argv if argv is not None else sys.argv[1:])),
       setup=(f"MLP {args.mlp_epochs} epochs batch 64, WRNs batch "
              f"{args.batch}; images: the digits upsampled to 32×32×3; topk "
-             "forward sampling; SGD momentum 0.9, cosine learning rate from "
+             "forward sampling; the first Conv2D (the MLP: the first Dense) "
+             "and the last Dense exact unless the arm says otherwise; SGD "
+             "momentum 0.9, cosine learning rate from "
              "0.05; 'exact last N%': the sampled model trains its final N% "
              "of steps exactly; step = median sampled step, schedule = the "
              "whole run, each phase (sampled, exact tail) at its median "
