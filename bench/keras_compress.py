@@ -136,13 +136,19 @@ def step_time_ratio(name, bits, batch, rblocks=18, rounds=5):
   return med['plain'], med[bits]
 
 
+def _model_batches(args, names, default):
+  """The batch of each model: ``--batches``, else ``default(name)``."""
+  if args.batches:
+    return [int(b) for b in args.batches.split(',')]
+  return [default(n) for n in names]
+
+
 def time_all(args):
   """``--time-only``: plain, compress(4) and compress(8) step times of each
   model, interleaved in one process per model; writes
   ``keras_step_time.{md,json}``."""
   names = args.models.split(',')
-  batches = ([int(b) for b in args.batches.split(',')] if args.batches else
-             [16 if args.quick else 64] * len(names))
+  batches = _model_batches(args, names, lambda n: 16 if args.quick else 64)
   rows = []
   for name, batch in zip(names, batches):
     med = step_times(name, (4, 8), batch, args.rblocks, args.rounds)
@@ -167,9 +173,10 @@ def write_step_times(rows, args):
            '| model | batch | plain s | bits 4 s | × plain | bits 8 s | '
            '× plain |', '|---|---|---|---|---|---|---|']
   for r in rows:
+    ratio = lambda key: _ratio(r[key], r['plain_s'], '{:.2f}')
     lines.append(f"| {r['model']} | {r['batch']} | {r['plain_s']:.3f} | "
-                 f"{r['bits4_s']:.3f} | {r['bits4_s'] / r['plain_s']:.2f} | "
-                 f"{r['bits8_s']:.3f} | {r['bits8_s'] / r['plain_s']:.2f} |")
+                 f"{r['bits4_s']:.3f} | {ratio('bits4_s')} | "
+                 f"{r['bits8_s']:.3f} | {ratio('bits8_s')} |")
   with open(os.path.join(RESULTS, 'keras_step_time.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))
@@ -271,8 +278,8 @@ def run_all(args):
   """Runs every measurement and writes the .md and .json results."""
   names = args.models.split(',')
   default = {'resnet164': 32 if args.quick else 128}
-  batches = ([int(b) for b in args.batches.split(',')] if args.batches else
-             [default.get(n, 16 if args.quick else 64) for n in names])
+  batches = _model_batches(args, names,
+                     lambda n: default.get(n, 16 if args.quick else 64))
   configs = [(n, b, 4) for n, b in zip(names, batches)]
   results = []
   for name, batch, bits in configs:

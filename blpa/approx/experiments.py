@@ -49,7 +49,6 @@ import numpy as np
 __all__ = ["main"]
 
 RATIOS = (1.0, 0.5, 0.33)
-_DEFAULT = object()  # an arm without a skip of its own
 EXACT_TAIL = 0.2  # share of final steps trained exactly (docs/approx.md)
 
 
@@ -238,9 +237,8 @@ def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
   base = build()
   steps = epochs * (len(y_train) // batch)
   trainers = []
-  arms = [tuple(arm) + (_DEFAULT,) * (3 - len(arm)) for arm in arms]
-  for ratio, tail, own_skip in arms:
-    layers = skip if own_skip is _DEFAULT else own_skip
+  for ratio, tail, *own_skip in arms:
+    layers = own_skip[0] if own_skip else skip
     model = base if ratio == 1.0 else approximate(base, ratio, skip=layers,
                                                   sampler=sampler, seed=seed)
     trainer = _Trainer(model, _cosine(lr, steps))
@@ -254,7 +252,7 @@ def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
                                   np.random.default_rng(seed))
   exact_macs = macs.training_macs(base, batch)["total"]
   rows = []
-  for (ratio, tail, own_skip), trainer, loss in zip(arms, trainers, losses):
+  for (ratio, tail, *own_skip), trainer, loss in zip(arms, trainers, losses):
     raw = trainer.accuracy(x_test, y_test)
     recalibrate_batch_norm(trainer.model, [x_train[i:i + batch] for i in
                                            range(0, calib * batch, batch)])
@@ -269,7 +267,7 @@ def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
         final_loss=float(loss), test_accuracy_raw=raw,
         test_accuracy=trainer.accuracy(x_test, y_test),
         calibration_batches=calib,
-        exact_layers=None if own_skip is _DEFAULT else _skip_label(own_skip))
+        exact_layers=_skip_label(own_skip[0]) if own_skip else None)
     row.update(_timing(trainer, trainers[0].times))
     if trainer.recorder is not None:
       row["selection"] = trainer.recorder.summary()
