@@ -172,11 +172,49 @@ def test_bad_arguments():
   with pytest.raises(ValueError, match='bits must be one of'):
     compress(model, 3)
 
+  with pytest.raises(TypeError, match='needs a keras.Model; got .*Dense'):
+    compress(keras.layers.Dense(2), 4)
+  with pytest.raises(TypeError, match='already compressed'):
+    compress(compress(model, 4), 4)
+
+
+def test_subclassed_model_gradients_and_original_untouched():
+  """A subclassed model with glue in call: bits 0 gives Keras's gradients;
+  the original, called directly after (or during) compression, is
+  unchanged."""
+
   class Sub(keras.Model):
-    def call(self, x):
-      return x
-  with pytest.raises(ValueError, match='functional or Sequential'):
-    compress(Sub(), 4)
+
+    def __init__(self):
+      super().__init__()
+      self.conv = keras.layers.Conv2D(4, 3, padding='same')
+      self.bn = keras.layers.BatchNormalization()
+      self.relu = keras.layers.ReLU()
+      self.head = keras.layers.Dense(3, activation='softmax')
+
+    def call(self, x, training=None):
+      h = self.relu(self.bn(self.conv(x), training=training))
+      h = keras.ops.relu(h + x[..., :1])
+      return self.head(keras.ops.mean(h, axis=(1, 2)))
+
+  model = Sub()
+  x, _ = kh.batch([4, 6, 6, 3])
+  y = np.array([0, 1, 2, 1])
+  model(x)
+  compressed = compress(model, 0)
+  loss = keras.losses.get('sparse_categorical_crossentropy')
+  weights = model.get_weights()
+  grads = []
+  for m in (model, compressed, model):
+    model.set_weights(weights)
+    with tf.GradientTape() as tape:
+      value = loss(y, m(x, training=True))
+    grads.append([g.numpy() for g in
+                  tape.gradient(value, model.trainable_variables)])
+  kh.assert_same_gradients(grads[0], grads[1])
+  kh.assert_same_gradients(grads[0], grads[2])
+  # No wrapper is left on the layers once the compressed call returned.
+  assert all('call' not in vars(layer) for layer in model._flatten_layers())
 
 
 def test_sequential_model():

@@ -41,6 +41,9 @@ def conv2d(layer, x_shape, x, kernel, dy):
   Returns:
     ``(dx, dkernel)`` (``dkernel`` None when ``x`` is None).
   """
+  if max(layer.dilation_rate) > 1:  # TF's CPU kernels take no dilation
+    return _conv_nd(2, layer.strides, layer.padding.upper(),
+                    layer.dilation_rate, x_shape, x, kernel, dy)
   args = _conv_args(layer)
   dk = None
   if x is not None:
@@ -114,8 +117,12 @@ def dense(x_shape, x, kernel, dy):
 
 
 def bias(dy):
-  """Gradient of a bias added on the last axis."""
-  return tf.reduce_sum(dy, axis=list(range(dy.shape.rank - 1)))
+  """Gradient of a bias added on the last axis: ``BiasAddGrad``, the op
+  TensorFlow's gradient of Keras's broadcast add runs (in half precision
+  it accumulates in float32, where ``reduce_sum`` would not)."""
+  if dy.shape.rank == 1:
+    return dy
+  return tf.raw_ops.BiasAddGrad(out_backprop=dy)
 
 
 def batch_norm(g, y_norm, gamma, inv_sigma, batch_stats):
@@ -149,6 +156,33 @@ def max_pool2d(layer, x, dy):
   return tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=y, grad=dy, **args)
 
 
+def first_max_mask(x, out, ph, pw):
+  """Where TF's ``MaxPoolGrad`` sends the gradient of a max pool with
+  non-overlapping ``ph x pw`` windows: in each window, the first position
+  (row-major) equal to its maximum (ties are common in half precision and
+  at a ReLU's zeros).
+
+  Args:
+    x: the pooled part of the input, ``[N, Ho * ph, Wo * pw, C]``.
+    out: the pool's output ``[N, Ho, Wo, C]``.
+    ph: window height.
+    pw: window width.
+
+  Returns:
+    A boolean tensor shaped like ``x``.
+  """
+  shape = tf.shape(out)
+  n, ho, wo, c = shape[0], shape[1], shape[2], shape[3]
+  equal = tf.reshape(x, [n, ho, ph, wo, pw, c]) == \
+      out[:, :, None, :, None, :]
+  window = tf.reshape(tf.transpose(equal, [0, 1, 3, 5, 2, 4]),
+                      [n, ho, wo, c, ph * pw])
+  before = tf.cumsum(tf.cast(window, tf.int32), axis=-1, exclusive=True)
+  first = tf.reshape(window & (before == 0), [n, ho, wo, c, ph, pw])
+  return tf.reshape(tf.transpose(first, [0, 1, 4, 2, 5, 3]),
+                    [n, ho * ph, wo * pw, c])
+
+
 def repeat2d(t, ph, pw):
   """Each pixel of ``t`` repeated ``ph x pw`` times (nearest upsampling)."""
   return tf.repeat(tf.repeat(t, ph, axis=1), pw, axis=2)
@@ -166,8 +200,11 @@ def global_avg_pool2d(layer, x_shape, dy):
   """GlobalAveragePooling2D (channels_last)."""
   if not layer.keepdims:
     dy = dy[:, None, None, :]
-  area = tf.cast(x_shape[1] * x_shape[2], dy.dtype)
-  return tf.broadcast_to(dy / area, x_shape)
+  # Keras averages 16-bit inputs in float32: so is dy divided here.
+  dtype = dy.dtype
+  g = tf.cast(dy, tf.float32) if dtype.size < 4 else dy
+  area = tf.cast(x_shape[1] * x_shape[2], g.dtype)
+  return tf.cast(tf.broadcast_to(g / area, x_shape), dtype)
 
 
 def zero_padding2d(layer, x_shape, dy):
@@ -185,3 +222,442 @@ def cropping2d(layer, dy):
 def concatenate(axis, sizes, dy):
   """Concatenate: ``dy`` split along the axis into the inputs' sizes."""
   return tf.split(dy, sizes, axis=axis)
+
+
+# ---------------------------------------------------------------------------
+# More layers: Conv1D, Conv3D, Conv2DTranspose, UpSampling1D/2D, global max
+# pooling, GlobalAveragePooling1D, AveragePooling1D, MaxPooling1D.
+#
+# Each ``supports_*`` predicate returns '' when the function below it handles
+# the layer's configuration, else the reason it does not (the caller then
+# takes the generic path).
+#
+# Dilated convolutions: TensorFlow's CPU gradient kernels (Conv2DBackprop*,
+# Conv3DBackprop*V2) reject dilation rates > 1, and ``tf.nn.convolution``
+# (which Keras calls) does not run a dilated convolution natively anyway: it
+# pads, moves the dilation into the batch (SpaceToBatchND), runs a 'VALID'
+# undilated convolution and moves back (BatchToSpaceND), on CPU and GPU alike.
+# :func:`_conv_nd` differentiates that same sequence, so that it gives the
+# gradients of autodiff on every device.
+# ---------------------------------------------------------------------------
+
+
+def _reason(checks):
+  """The first reason in ``checks`` (``(failed, reason)`` pairs), or ''."""
+  for failed, why in checks:
+    if failed:
+      return why
+  return ''
+
+
+def _channels_last(layer):
+  return (getattr(layer, 'data_format', 'channels_last') != 'channels_last',
+          f'data_format={getattr(layer, "data_format", None)!r} (only '
+          'channels_last)')
+
+
+def _conv_checks(layer, rank, paddings):
+  return [
+      (len(getattr(layer, 'kernel_size', ())) != rank,
+       f'not a rank-{rank} convolution'),
+      _channels_last(layer),
+      (getattr(layer, 'groups', 1) != 1,
+       f'groups={getattr(layer, "groups", None)} (only 1)'),
+      (getattr(layer, 'padding', None) not in paddings,
+       f'padding={getattr(layer, "padding", None)!r} (only {paddings})'),
+      (max(getattr(layer, 'strides', (1,))) > 1
+       and max(getattr(layer, 'dilation_rate', (1,))) > 1,
+       'strides > 1 with dilation_rate > 1'),
+      (getattr(layer, 'lora_enabled', False), 'LoRA-enabled kernel'),
+  ]
+
+
+def _conv_ops(rank):
+  """Raw (forward, backprop input, backprop filter) ops of a rank-2 or rank-3
+  convolution (rank 1 runs as rank 2, see :func:`_conv_nd`)."""
+  if rank == 3:
+    return (tf.raw_ops.Conv3D, tf.raw_ops.Conv3DBackpropInputV2,
+            tf.raw_ops.Conv3DBackpropFilterV2)
+  return (tf.raw_ops.Conv2D, tf.raw_ops.Conv2DBackpropInput,
+          tf.raw_ops.Conv2DBackpropFilter)
+
+
+def _conv_undilated(rank, strides, padding, x_shape, x, kernel, dy):
+  """Gradients of an undilated channels_last convolution of rank 1, 2 or 3,
+  with the raw ops ``tf.nn.convolution`` uses (rank 1: ``tf.nn.conv1d``,
+  which runs Conv2D on ``[N, 1, W, C]`` inputs and ``[1, k, in, out]``
+  kernels)."""
+  strides = list(strides)
+  if rank == 1:
+    x_shape = tf.concat([x_shape[:1], [1], x_shape[1:]], 0)
+    x = None if x is None else tf.expand_dims(x, 1)
+    kernel = tf.expand_dims(kernel, 0)
+    dy = tf.expand_dims(dy, 1)
+    strides = [1] + strides
+  _, backprop_input, backprop_filter = _conv_ops(max(rank, 2))
+  args = dict(strides=_strides(strides), padding=padding)
+  if rank < 3:
+    args['dilations'] = [1] * (len(strides) + 2)
+  dk = None
+  if x is not None:
+    dk = backprop_filter(input=x, filter_sizes=tf.shape(kernel),
+                         out_backprop=dy, **args)
+  with _after(dk):
+    dx = backprop_input(input_sizes=x_shape, filter=kernel, out_backprop=dy,
+                        **args)
+  if rank == 1:
+    dx = tf.squeeze(dx, [1])
+    dk = None if dk is None else tf.squeeze(dk, [0])
+  return dx, dk
+
+
+def _conv_nd(rank, strides, padding, dilation_rate, x_shape, x, kernel, dy):
+  """Gradients of a channels_last convolution of rank 1, 2 or 3, computed
+  as ``tf.nn.convolution`` computes the convolution.
+
+  Args:
+    rank: number of spatial dimensions.
+    strides: ``rank`` ints.
+    padding: 'VALID' or 'SAME'.
+    dilation_rate: ``rank`` ints (all 1 when any stride is > 1).
+    x_shape: int32 shape of the input.
+    x: the input, or None when the kernel is not trained.
+    kernel: the kernel ``[*kernel_size, in, out]``.
+    dy: gradient of the output.
+
+  Returns:
+    ``(dx, dkernel)`` (``dkernel`` None when ``x`` is None).
+  """
+  x_shape = tf.convert_to_tensor(x_shape, tf.int32)
+  dilation_rate = [int(d) for d in dilation_rate]
+  if all(d == 1 for d in dilation_rate):
+    return _conv_undilated(rank, strides, padding, x_shape, x, kernel, dy)
+  # tf.nn.convolution's _WithSpaceToBatch: SAME becomes explicit padding of
+  # the dilated kernel's extent (more at the end), then padding to multiples
+  # of the dilation.
+  kernel_size = kernel.shape[:rank].as_list()
+  if padding == 'SAME':
+    extra = [(k - 1) * d for k, d in zip(kernel_size, dilation_rate)]
+    base = [[e // 2, e - e // 2] for e in extra]
+  else:
+    base = [[0, 0]] * rank
+  spatial = x_shape[1:rank + 1]
+  paddings, crops = tf.required_space_to_batch_paddings(
+      spatial, dilation_rate, base_paddings=tf.constant(base, tf.int32))
+  # d(BatchToSpaceND(r, crops)) / dr is SpaceToBatchND(g, crops).
+  dys = tf.space_to_batch_nd(dy, dilation_rate, crops)
+  xs = None if x is None else tf.space_to_batch_nd(x, dilation_rate, paddings)
+  block = 1
+  for d in dilation_rate:
+    block *= d
+  xs_shape = tf.concat([
+      x_shape[:1] * block,
+      (spatial + paddings[:, 0] + paddings[:, 1]) // dilation_rate,
+      x_shape[-1:]], 0)
+  dxs, dk = _conv_undilated(rank, [1] * rank, 'VALID', xs_shape, xs, kernel,
+                            dys)
+  # d(SpaceToBatchND(x, paddings)) / dx is BatchToSpaceND(g, paddings).
+  dx = tf.batch_to_space(dxs, dilation_rate, paddings)
+  return dx, dk
+
+
+def supports_conv1d(layer):
+  """'' when :func:`conv1d` handles ``layer`` (a Conv1D), else why not."""
+  return _reason(_conv_checks(layer, 1, ('valid', 'same', 'causal')))
+
+
+def conv1d(layer, x_shape, x, kernel, dy):
+  """Conv1D (channels_last, ``groups=1``; padding 'valid', 'same' or
+  'causal'; any strides, or any dilation_rate with stride 1).
+
+  Causal padding is Keras's: the input is padded on the left by
+  ``dilation_rate * (kernel_size - 1)``, then convolved 'valid'.
+
+  Args:
+    layer: the ``keras.layers.Conv1D``.
+    x_shape: int32 shape of the input ``[N, W, C]``.
+    x: the (restored) input, or None when the kernel is not trained.
+    kernel: the kernel ``[k, C, filters]`` read in the forward pass.
+    dy: gradient of the output (before the bias add).
+
+  Returns:
+    ``(dx, dkernel)`` (``dkernel`` None when ``x`` is None).
+  """
+  x_shape = tf.convert_to_tensor(x_shape, tf.int32)
+  padding = layer.padding
+  left = 0
+  if padding == 'causal':
+    left = layer.dilation_rate[0] * (layer.kernel_size[0] - 1)
+    padding = 'valid'
+    x_shape = x_shape + tf.constant([0, left, 0], tf.int32)
+    if x is not None:
+      x = tf.pad(x, [[0, 0], [left, 0], [0, 0]])
+  dx, dk = _conv_nd(1, layer.strides, padding.upper(), layer.dilation_rate,
+                    x_shape, x, kernel, dy)
+  if left:
+    dx = dx[:, left:, :]
+  return dx, dk
+
+
+def supports_conv3d(layer):
+  """'' when :func:`conv3d` handles ``layer`` (a Conv3D), else why not."""
+  return _reason(_conv_checks(layer, 3, ('valid', 'same')))
+
+
+def conv3d(layer, x_shape, x, kernel, dy):
+  """Conv3D (channels_last, ``groups=1``; padding 'valid' or 'same'; any
+  strides, or any dilation_rate with stride 1).
+
+  Args:
+    layer: the ``keras.layers.Conv3D``.
+    x_shape: int32 shape of the input ``[N, D, H, W, C]``.
+    x: the (restored) input, or None when the kernel is not trained.
+    kernel: the kernel ``[kd, kh, kw, C, filters]`` read in the forward
+      pass.
+    dy: gradient of the output (before the bias add).
+
+  Returns:
+    ``(dx, dkernel)`` (``dkernel`` None when ``x`` is None).
+  """
+  return _conv_nd(3, layer.strides, layer.padding.upper(),
+                  layer.dilation_rate, x_shape, x, kernel, dy)
+
+
+def supports_conv2d_transpose(layer):
+  """'' when :func:`conv2d_transpose` handles ``layer`` (a Conv2DTranspose),
+  else why not."""
+  return _reason([
+      (len(getattr(layer, 'kernel_size', ())) != 2,
+       'not a rank-2 transposed convolution'),
+      _channels_last(layer),
+      (getattr(layer, 'padding', None) not in ('valid', 'same'),
+       f'padding={getattr(layer, "padding", None)!r}'),
+      (getattr(layer, 'lora_enabled', False), 'LoRA-enabled kernel'),
+  ])
+
+
+def conv2d_transpose(layer, x_shape, x, kernel, dy):
+  """Conv2DTranspose (channels_last; padding 'valid' or 'same'; any strides,
+  output_padding and dilation_rate).
+
+  Keras's TensorFlow backend runs ``tf.nn.conv_transpose``, i.e.
+  ``Conv2DBackpropInput(input_sizes=output shape, filter=kernel,
+  out_backprop=x)`` (output_padding only sets the output shape). Its
+  gradients are TensorFlow's: ``dx = Conv2D(dy, kernel)`` and
+  ``dkernel = Conv2DBackpropFilter(input=dy, out_backprop=x)``, with the
+  layer's strides, padding and dilations. (TensorFlow's CPU kernels reject
+  dilation_rate > 1 here, in the forward pass as in this one.)
+
+  Args:
+    layer: the ``keras.layers.Conv2DTranspose``.
+    x_shape: int32 shape of the input (unused: ``dx`` takes it from the
+      convolution).
+    x: the (restored) input, or None when the kernel is not trained.
+    kernel: the kernel ``[kh, kw, filters, C]`` read in the forward pass.
+    dy: gradient of the output (before the bias add).
+
+  Returns:
+    ``(dx, dkernel)`` (``dkernel`` None when ``x`` is None).
+  """
+  del x_shape
+  args = _conv_args(layer)
+  dk = None
+  if x is not None:
+    dk = tf.raw_ops.Conv2DBackpropFilter(input=dy,
+                                         filter_sizes=tf.shape(kernel),
+                                         out_backprop=x, **args)
+  with _after(dk):
+    dx = tf.raw_ops.Conv2D(input=dy, filter=kernel, **args)
+  return dx, dk
+
+
+def supports_upsampling(layer):
+  """'' when :func:`upsampling` handles ``layer`` (an UpSampling1D or
+  UpSampling2D), else why not."""
+  size = getattr(layer, 'size', None)
+  rank = 1 if isinstance(size, int) else len(size or ())
+  return _reason([
+      (rank not in (1, 2), f'size={size!r} (only 1 or 2 dimensions)'),
+      _channels_last(layer),
+      (getattr(layer, 'interpolation', 'nearest') != 'nearest',
+       f'interpolation={getattr(layer, "interpolation", None)!r} (only '
+       'nearest)'),
+  ])
+
+
+def upsampling(layer, x_shape, dy):
+  """UpSampling1D, or UpSampling2D with ``interpolation='nearest'``
+  (channels_last): each input position gets the sum of ``dy`` over its
+  block (as autodiff of Keras's ``repeat``: width block first, then height).
+
+  Args:
+    layer: the ``keras.layers.UpSampling1D`` or ``UpSampling2D``.
+    x_shape: int32 shape of the input (``[N, W, C]`` or ``[N, H, W, C]``).
+    dy: gradient of the output.
+
+  Returns:
+    ``dx``.
+  """
+  x_shape = tf.convert_to_tensor(x_shape, tf.int32)
+  size = [layer.size] if isinstance(layer.size, int) else list(layer.size)
+  if len(size) == 1:
+    blocks = tf.reshape(dy, tf.stack([x_shape[0], x_shape[1], size[0],
+                                      x_shape[2]]))
+    return tf.reduce_sum(blocks, axis=2)
+  ph, pw = size
+  n, h, w, c = x_shape[0], x_shape[1], x_shape[2], x_shape[3]
+  dy = tf.reduce_sum(tf.reshape(dy, tf.stack([n, h * ph, w, pw, c])), axis=3)
+  return tf.reduce_sum(tf.reshape(dy, tf.stack([n, h, ph, w, c])), axis=2)
+
+
+def supports_global_max_pool(layer):
+  """'' when :func:`global_max_pool` handles ``layer`` (a
+  GlobalMaxPooling1D or GlobalMaxPooling2D), else why not."""
+  return _reason([_channels_last(layer)])
+
+
+def _global_axes(rank):
+  """Spatial axes of a channels_last tensor of rank ``rank``."""
+  return list(range(1, rank - 1))
+
+
+def global_max_pool_mask(layer, x):
+  """Where the input equals its per-(sample, channel) maximum: what
+  :func:`global_max_pool` needs.
+
+  Args:
+    layer: the ``keras.layers.GlobalMaxPooling1D`` or ``GlobalMaxPooling2D``
+      (channels_last).
+    x: the layer's input.
+
+  Returns:
+    A boolean tensor of ``x``'s shape.
+  """
+  del layer
+  axes = _global_axes(x.shape.rank)
+  return tf.equal(x, tf.reduce_max(x, axis=axes, keepdims=True))
+
+
+def global_max_pool(layer, mask, dy):
+  """GlobalMaxPooling1D or GlobalMaxPooling2D (channels_last, keepdims True
+  or False).
+
+  As TensorFlow's gradient of ``reduce_max``, the gradient of each
+  (sample, channel) is split equally among the positions that hold the
+  maximum: ``mask / count * dy``, in ``dy``'s dtype.
+
+  Args:
+    layer: the layer.
+    mask: boolean tensor of the input's shape, from
+      :func:`global_max_pool_mask`.
+    dy: gradient of the output.
+
+  Returns:
+    ``dx``.
+  """
+  axes = _global_axes(mask.shape.rank)
+  if not layer.keepdims:
+    for axis in axes:
+      dy = tf.expand_dims(dy, axis)
+  indicators = tf.cast(mask, dy.dtype)
+  count = tf.reduce_sum(indicators, axis=axes, keepdims=True)
+  return indicators / count * dy
+
+
+def supports_global_avg_pool1d(layer, masked=False):
+  """'' when :func:`global_avg_pool1d` handles ``layer`` (a
+  GlobalAveragePooling1D), called with a Keras mask when ``masked``, else
+  why not."""
+  return _reason([_channels_last(layer),
+                  (masked, 'called with a mask (not supported)')])
+
+
+def global_avg_pool1d(layer, x_shape, dy):
+  """GlobalAveragePooling1D (channels_last, keepdims True or False, called
+  without a mask).
+
+  Keras averages 16-bit inputs in float32; so is ``dy`` divided here, then
+  cast back to its dtype.
+
+  Args:
+    layer: the ``keras.layers.GlobalAveragePooling1D``.
+    x_shape: int32 shape of the input ``[N, W, C]``.
+    dy: gradient of the output.
+
+  Returns:
+    ``dx``.
+  """
+  x_shape = tf.convert_to_tensor(x_shape, tf.int32)
+  if not layer.keepdims:
+    dy = dy[:, None, :]
+  dtype = dy.dtype
+  g = tf.cast(dy, tf.float32) if dtype.size < 4 else dy
+  g = tf.broadcast_to(g, x_shape) / tf.cast(x_shape[1], g.dtype)
+  return tf.cast(g, dtype)
+
+
+def _pool1d_checks(layer):
+  return [_channels_last(layer),
+          (getattr(layer, 'padding', None) not in ('valid', 'same'),
+           f'padding={getattr(layer, "padding", None)!r}')]
+
+
+def _pool1d_args(layer):
+  """Arguments of the rank-2 pooling ops that ``tf.nn.max_pool1d`` and
+  ``avg_pool1d`` run, on ``[N, 1, W, C]``."""
+  return dict(ksize=[1, 1, layer.pool_size[0], 1],
+              strides=[1, 1, layer.strides[0], 1],
+              padding=layer.padding.upper())
+
+
+def supports_avg_pool1d(layer):
+  """'' when :func:`avg_pool1d` handles ``layer`` (an AveragePooling1D),
+  else why not."""
+  return _reason(_pool1d_checks(layer))
+
+
+def avg_pool1d(layer, x_shape, dy):
+  """AveragePooling1D (channels_last; padding 'valid' or 'same'; any
+  pool_size and strides). Only the input shape is needed.
+
+  Args:
+    layer: the ``keras.layers.AveragePooling1D``.
+    x_shape: int32 shape of the input ``[N, W, C]``.
+    dy: gradient of the output.
+
+  Returns:
+    ``dx``.
+  """
+  x_shape = tf.convert_to_tensor(x_shape, tf.int32)
+  shape4 = tf.concat([x_shape[:1], [1], x_shape[1:]], 0)
+  dx = tf.raw_ops.AvgPoolGrad(orig_input_shape=shape4,
+                              grad=tf.expand_dims(dy, 1),
+                              **_pool1d_args(layer))
+  return tf.squeeze(dx, [1])
+
+
+def supports_max_pool1d(layer):
+  """'' when :func:`max_pool1d` handles ``layer`` (a MaxPooling1D), else
+  why not."""
+  return _reason(_pool1d_checks(layer))
+
+
+def max_pool1d(layer, x, dy):
+  """MaxPooling1D from the (restored) input (channels_last; padding 'valid'
+  or 'same'; any pool_size and strides). As TensorFlow's MaxPoolGrad, each
+  window's gradient goes to one position holding its maximum.
+
+  Args:
+    layer: the ``keras.layers.MaxPooling1D``.
+    x: the (restored) input ``[N, W, C]``.
+    dy: gradient of the output.
+
+  Returns:
+    ``dx``.
+  """
+  args = _pool1d_args(layer)
+  x4 = tf.expand_dims(x, 1)
+  y4 = tf.nn.max_pool2d(x4, **args)
+  dx = tf.raw_ops.MaxPoolGrad(orig_input=x4, orig_output=y4,
+                              grad=tf.expand_dims(dy, 1), **args)
+  return tf.squeeze(dx, [1])

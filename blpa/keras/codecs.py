@@ -132,7 +132,16 @@ def after(outputs, tensors):
   if not tensors:
     return outputs
   with tf.control_dependencies(tensors):
-    return tf.nest.map_structure(tf.identity, outputs)
+    return tf.nest.map_structure(_identity, outputs)
+
+
+def _identity(t):
+  """``tf.identity`` that keeps the logits a softmax output carries."""
+  out = tf.identity(t)
+  logits = getattr(t, '_keras_logits', None)
+  if logits is not None:
+    out._keras_logits = logits  # pylint: disable=protected-access
+  return out
 
 
 # ---------------------------------------------------------------------------

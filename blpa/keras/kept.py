@@ -11,7 +11,11 @@ executor's schedule nor on the allocator, unlike a measured peak. It checks
 keeps on the same model.
 """
 
+import numpy as np
 import tensorflow as tf
+from keras.src import tree
+
+from blpa.keras import plan as plan_lib
 
 # Inputs the caller holds anyway (the batch, variables, constants).
 _NOT_ACTIVATIONS = frozenset(
@@ -20,22 +24,75 @@ _NOT_ACTIVATIONS = frozenset(
 _METADATA_READERS = frozenset(['Shape', 'ShapeN', 'Size', 'Rank'])
 
 
-def _inputs_like(model, batch_size):
-  """Zero tensors shaped like the model's inputs, for a batch."""
-  # A compressed model has the inputs of the model it was made from.
-  inputs = getattr(getattr(model, 'source', model), 'inputs', None)
-  if not inputs:
+def _zeros(batch_size, dims, dtype, what):
+  dims = [None if d is None else int(d) for d in dims]
+  if any(d is None for d in dims):
     raise ValueError(
-        f'kept_bytes needs a model with known inputs; {model.name!r} has none '
-        '(build a functional or Sequential model with an Input)')
-  out = []
-  for kt in inputs:
-    dims = list(kt.shape[1:])
-    if any(d is None for d in dims):
-      raise ValueError(f'kept_bytes needs static input shapes; input '
-                       f'{kt.name!r} of {model.name!r} has shape {kt.shape}')
-    out.append(tf.zeros([batch_size] + dims, kt.dtype))
-  return out
+        f'{what} has an unknown dimension (shape {[None] + dims}); pass '
+        'input_shapes= (shapes without the batch dimension, in the structure '
+        'of the inputs) or inputs= (a sample batch)')
+  dtype = tf.as_dtype(dtype)
+  if dtype == tf.float64:
+    dtype = tf.float32
+  return tf.zeros([batch_size] + dims, dtype)
+
+
+def _is_shape(value):
+  return isinstance(value, (tuple, list)) and all(
+      d is None or isinstance(d, int) for d in value)
+
+
+def sample_inputs(model, batch_size, inputs=None, input_shapes=None):
+  """Zero tensors in the structure of a model's inputs, for a batch.
+
+  Args:
+    model: a Keras model, plain or from :func:`blpa.keras.compress`.
+    batch_size: the batch size (a positive integer).
+    inputs: a sample batch (arrays or tensors, any structure): shapes and
+      dtypes are taken from it.
+    input_shapes: shapes without the batch dimension, a tuple or a dict or
+      list of tuples (in the structure of the inputs), filling unknown
+      dimensions; dtypes are the model's.
+
+  Returns:
+    The zero tensors (a tensor, list or dict).
+
+  Raises:
+    ValueError: a bad ``batch_size``, or shapes that cannot be known.
+  """
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
+      batch_size < 1:
+    raise ValueError(f'batch_size must be a positive integer, got '
+                     f'{batch_size!r}')
+  if inputs is not None:
+    return tree.map_structure(
+        lambda a: _zeros(batch_size, np.shape(a)[1:],
+                         getattr(a, 'dtype', 'float32'), 'a sample input'),
+        inputs)
+  source = getattr(model, '_blpa_original', model)
+  graph = plan_lib.functional_of(source)
+  struct = getattr(graph, '_inputs_struct', None) if graph is not None \
+      else None
+  if input_shapes is not None:
+    if _is_shape(input_shapes):
+      dtype = tree.flatten(struct)[0].dtype if struct is not None else \
+          'float32'
+      return _zeros(batch_size, input_shapes, dtype, 'input_shapes')
+    known = {}
+    if struct is not None and isinstance(struct, dict):
+      known = {k: v.dtype for k, v in struct.items()}
+    if isinstance(input_shapes, dict):
+      return {k: _zeros(batch_size, v, known.get(k, 'float32'),
+                        f'input {k!r}') for k, v in input_shapes.items()}
+    return [_zeros(batch_size, v, 'float32', f'input {i}')
+            for i, v in enumerate(input_shapes)]
+  if struct is None:
+    raise ValueError(
+        f'{model.name!r} has no known inputs (a subclassed model): pass '
+        'inputs= (a sample batch) or input_shapes=')
+  return tree.map_structure(
+      lambda kt: _zeros(batch_size, kt.shape[1:], kt.dtype,
+                        f'input {kt.name!r} of {model.name!r}'), struct)
 
 
 def _output_ops(model, inputs):
@@ -44,16 +101,15 @@ def _output_ops(model, inputs):
   outputs = []
 
   @tf.function
-  def step(*xs):
+  def step(xs):
     with tf.GradientTape() as tape:
-      got = tf.nest.flatten(model(list(xs) if len(xs) > 1 else xs[0],
-                                  training=True))
+      got = tree.flatten(model(xs, training=True))
       outputs.extend(got)
       loss = tf.add_n([tf.reduce_mean(tf.square(tf.cast(o, tf.float32)))
                        for o in got])
     return tape.gradient(loss, model.trainable_variables)
 
-  step.get_concrete_function(*inputs)
+  step.get_concrete_function(inputs)
   return [t.op for t in outputs]
 
 
@@ -106,7 +162,7 @@ def _nbytes(t):
   return t.shape.num_elements() * t.dtype.size
 
 
-def kept_bytes(model, batch_size):
+def kept_bytes(model, batch_size, inputs=None, input_shapes=None):
   """Bytes of forward tensors that one training step's backward pass reads.
 
   Traces (does not run) a step: the model called with ``training=True`` on
@@ -115,9 +171,12 @@ def kept_bytes(model, batch_size):
   inputs, variables and constants are not counted.
 
   Args:
-    model: a built Keras model with static input shapes, plain or from
-      :func:`blpa.keras.compress`.
+    model: a built Keras model, plain or from :func:`blpa.keras.compress`.
     batch_size: the batch size (a positive integer).
+    inputs: a sample batch, for a model whose input shapes are not all
+      known (a subclassed model, a sequence length ``None``).
+    input_shapes: or the input shapes without the batch dimension
+      (:func:`sample_inputs`).
 
   Returns:
     dict: ``total`` (bytes), ``by_dtype`` (dtype name -> bytes) and
@@ -125,14 +184,11 @@ def kept_bytes(model, batch_size):
     tensor, largest first).
 
   Raises:
-    ValueError: if ``batch_size`` is not a positive integer, or the model
-      has no static input shapes.
+    ValueError: if ``batch_size`` is not a positive integer, or the input
+      shapes cannot be known.
   """
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or \
-      batch_size < 1:
-    raise ValueError(f'batch_size must be a positive integer, got '
-                     f'{batch_size!r}')
-  output_ops = _output_ops(model, _inputs_like(model, batch_size))
+  output_ops = _output_ops(
+      model, sample_inputs(model, batch_size, inputs, input_shapes))
   # An output computed from another output is forward, not backward.
   backward_ops = _downstream(output_ops) - _upstream(output_ops)
   tensors = sorted(

@@ -1,17 +1,25 @@
 """``compress(model, bits)``: a Keras model that keeps compact activations.
 
-The returned model runs the original model's functional graph node by node
-with the same layer objects (so it shares every variable), each node through
-the wrapper that :mod:`blpa.keras.plan` chose for it
-(:mod:`blpa.keras.wrappers`). Compact copies are made once per tensor and
-shared by every layer that needs that tensor in its backward pass.
+For a functional or Sequential model, the returned model runs the original
+model's graph node by node with the same layer objects (so it shares every
+variable), each node through the wrapper that :mod:`blpa.keras.plan` chose
+for it (:mod:`blpa.keras.wrappers`). Compact copies are made once per tensor
+and shared by every layer that needs that tensor in its backward pass.
+
+For a subclassed model, and for the custom layers (with sublayers) of a
+functional model, the leaf layers get their wrappers while the compressed
+model runs (:mod:`blpa.keras.leaves`); the model's own ``call`` runs as
+written.
 """
+
+import warnings
 
 import keras
 import tensorflow as tf
 from keras.src import tree
 
-from blpa.keras import codecs, plan as plan_lib, wrappers
+from blpa.keras import codecs, leaves as leaves_lib, plan as plan_lib, \
+    wrappers
 
 BITS = (0, 4, 8)
 
@@ -27,8 +35,10 @@ class _Run:
       model, else None.
   """
 
-  def __init__(self, bits, exact_ids=(), parent=None):
+  def __init__(self, bits, exact_ids=(), parent=None, shapes=None):
     self.bits = bits
+    # id(KerasTensor) -> static shape, shared with nested runs (for report).
+    self.shapes = parent[0].shapes if parent is not None else shapes
     self.values = {}
     self.copies = {}
     self.exact_ids = set(exact_ids)
@@ -87,7 +97,7 @@ def _run_step(step, run, training, plan):
   if kind in plan_lib.LINEAR_KINDS:
     codec = run.copy_of(node.input_tensors[0]) if plan_lib.kernels_trained(
         kind, op) else None
-    return [wrappers.run_linear(kind, op, xs[0], codec)]
+    return [wrappers.run_linear(kind, op, xs[0], codec, act=step.act)]
   if kind == 'relu':
     return [wrappers.run_masked(op, xs[0], wrappers.relu_keep(step.act))]
   if kind == 'dropout':
@@ -97,8 +107,11 @@ def _run_step(step, run, training, plan):
                                 1.0 / (1.0 - op.rate), training=True)]
   if kind == 'maxpool_mask':
     return [wrappers.run_max_pool_mask(op, xs[0])]
-  if kind in plan_lib.SHAPE_KINDS or kind == 'maxpool':
-    codec = run.copy_of(node.input_tensors[0]) if kind == 'maxpool' else None
+  if kind == 'gmp':
+    return [wrappers.run_global_max_pool(op, xs[0])]
+  if kind in plan_lib.SHAPE_KINDS or kind in plan_lib.COPY_POOL_KINDS:
+    codec = run.copy_of(node.input_tensors[0]) if \
+        kind in plan_lib.COPY_POOL_KINDS else None
     return [wrappers.run_shape_op(kind, op, xs, codec)]
   if kind == 'model':
     return _run_nested(step, run, training, plan)
@@ -109,7 +122,9 @@ def _run_step(step, run, training, plan):
 
 
 def _run_generic(node, run, training):
-  kts = list(node.input_tensors)
+  # A tensor passed to several arguments is one input (its gradient is the
+  # sum over its uses, which the recompute's tape takes).
+  kts = list({id(t): t for t in node.input_tensors}.values())
   kept = [run.copy_of(t) for t in kts]
   op = node.operation
   trainable = list(getattr(op, 'trainable_variables', []))
@@ -148,6 +163,8 @@ def run_graph(functional, inputs, run, training, plan):
   """
   for kt, value in zip(functional.inputs, inputs):
     run.values[id(kt)] = value
+    if run.shapes is not None:
+      run.shapes[id(kt)] = value.shape
   for depth in sorted(functional._nodes_by_depth, reverse=True):  # pylint: disable=protected-access
     for node in functional._nodes_by_depth[depth]:  # pylint: disable=protected-access
       if node.is_input or not node.operation:
@@ -156,33 +173,101 @@ def run_graph(functional, inputs, run, training, plan):
       if outs is not None:
         for kt, value in zip(node.outputs, outs):
           run.values.setdefault(id(kt), value)
+          if run.shapes is not None:
+            run.shapes.setdefault(id(kt), value.shape)
   return [run.values[id(kt)] for kt in functional.outputs]
 
 
+def _descend_roots(plan):
+  """The custom layers of a functional plan whose leaves get wrappers, and
+  the ids of the layers the plan runs itself (never patched)."""
+  roots = [s.layer for s in plan.values() if s.kind == 'descend']
+  direct = {id(s.layer) for s in plan.values() if s.kind != 'descend'}
+  return roots, direct
+
+
+@keras.saving.register_keras_serializable(package='blpa')
 class CompressedModel(keras.Model):
   """A Keras model computing ``source``'s outputs with compact activations.
 
   Built by :func:`compress`; shares ``source``'s layers and variables.
   ``save_weights`` / ``load_weights`` act on ``source``, so weight files
-  interchange with the original model.
+  interchange with the original model. ``save`` writes the original
+  model's config with ``bits``; ``keras.models.load_model`` gives back a
+  compressed model.
+
+  Args:
+    source: the functional graph to walk (the model itself, or a
+      Sequential's), or a subclassed model.
+    bits: 0, 4 or 8.
+    plan: the :func:`blpa.keras.plan.make_plan` dict, or None for a
+      subclassed model.
+    original: the model given to :func:`compress` (for ``get_config``).
   """
 
-  def __init__(self, source, bits, plan, **kwargs):
+  def __init__(self, source, bits, plan, original=None, **kwargs):
     super().__init__(name=kwargs.pop('name', f'{source.name}_blpa{bits}'),
                      **kwargs)
     self.source = source
     self.bits = bits
     self._blpa_plan = plan
-    self.built = True
+    # Not tracked: its variables are source's.
+    object.__setattr__(self, '_blpa_original', original or source)
+    self._blpa_checked = False
+    self._blpa_record = None  # a list while blpa.keras.report traces
+    self._blpa_shapes = None
+    self.built = source.built
 
   def call(self, inputs, training=None):
+    record = self._blpa_record
+    if record is None and not self._blpa_checked:
+      record = []
+    if self._blpa_plan is None:
+      outputs, values = self._call_subclassed(inputs, training, record)
+    else:
+      outputs, values = self._call_functional(inputs, training, record)
+    if not self._blpa_checked and record is not None:
+      self._blpa_checked = True
+      _warn_coverage(self, record, values)
+    return outputs
+
+  def _call_functional(self, inputs, training, record):
     flat = self.source._standardize_inputs(inputs)  # pylint: disable=protected-access
-    run = _Run(self.bits, exact_ids=[id(t) for t in self.source.inputs])
-    outs = run_graph(self.source, flat, run, training, self._blpa_plan)
-    return tree.pack_sequence_as(self.source._outputs_struct, outs)  # pylint: disable=protected-access
+    run = _Run(self.bits, exact_ids=[id(t) for t in self.source.inputs],
+               shapes=self._blpa_shapes)
+    roots, direct = _descend_roots(self._blpa_plan)
+    registry = leaves_lib.Registry(self.bits, exact=flat)
+    with leaves_lib.Interceptor(leaves_lib.leaves_of(roots, direct),
+                                registry, record):
+      outs = run_graph(self.source, flat, run, training, self._blpa_plan)
+    outputs = tree.pack_sequence_as(self.source._outputs_struct, outs)  # pylint: disable=protected-access
+    return outputs, run.values
+
+  def _call_subclassed(self, inputs, training, record):
+    registry = leaves_lib.Registry(self.bits, exact=tree.flatten(inputs))
+    kwargs = {} if training is None else {'training': training}
+    with leaves_lib.Interceptor(leaves_lib.leaves_of([self.source]),
+                                registry, record):
+      return self.source(inputs, **kwargs), {}
 
   def compute_output_spec(self, inputs, training=None):
     return self.source.compute_output_spec(inputs, training=training)
+
+  def build(self, input_shape):
+    if not self.source.built:
+      self.source.build(input_shape)
+    self.built = True
+
+  def get_config(self):
+    return {'name': self.name, 'bits': self.bits,
+            'source': keras.saving.serialize_keras_object(
+                self._blpa_original)}
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    source = keras.saving.deserialize_keras_object(
+        config['source'], custom_objects=custom_objects)
+    return compress(source, config['bits'], name=config.get('name'))
 
   def save_weights(self, *args, **kwargs):
     return self.source.save_weights(*args, **kwargs)
@@ -192,36 +277,92 @@ class CompressedModel(keras.Model):
 
   @property
   def plan(self):
-    """The :class:`blpa.keras.plan.Step` of every node, in graph order."""
+    """The :class:`blpa.keras.plan.Step` of every node, in graph order
+    (None for a subclassed model: its leaves are chosen per call)."""
+    if self._blpa_plan is None:
+      return None
     return list(self._blpa_plan.values())
 
 
-def compress(model, bits=4, verbose=False):
+def compress(model, bits=4, verbose=False, name=None):
   """A model with ``model``'s forward pass that keeps compact activations.
 
   Args:
-    model: a functional or Sequential ``keras.Model`` (built).
+    model: any ``keras.Model``: functional or Sequential (its graph is
+      walked), or subclassed (its leaf layers get wrappers while the
+      compressed model runs).
     bits: 0 (one exact copy per tensor), 8 or 4 bits per stored value.
-    verbose: print :func:`blpa.keras.report` for a batch of 1.
+    verbose: print :func:`blpa.keras.report` for a batch of 1 (a model
+      with known input shapes).
+    name: the compressed model's name (default ``<name>_blpa<bits>``).
 
   Returns:
     A :class:`CompressedModel` sharing ``model``'s layers and variables.
 
   Raises:
-    ValueError: ``bits`` not in (0, 4, 8), or a model without a functional
-      graph (a subclassed model).
+    TypeError: ``model`` is not a ``keras.Model``.
+    ValueError: ``bits`` not in (0, 4, 8).
   """
   if isinstance(bits, bool) or bits not in BITS:
     raise ValueError(f'bits must be one of {BITS}, got {bits!r}')
+  if isinstance(model, CompressedModel):
+    raise TypeError(f'{model.name!r} is already compressed (bits '
+                    f'{model.bits}); compress the original model')
+  if not isinstance(model, keras.Model):
+    raise TypeError(f'compress needs a keras.Model; got '
+                    f'{type(model).__module__}.{type(model).__name__}')
   functional = plan_lib.functional_of(model)
-  if functional is None:
-    raise ValueError(
-        f'compress needs a functional or Sequential keras.Model with a known '
-        f'graph (built on an Input); got {type(model).__name__} '
-        f'{getattr(model, "name", "")!r}')
-  plan = plan_lib.make_plan(functional, bits)
-  compressed = CompressedModel(functional, bits, plan)
+  kwargs = {'name': name} if name else {}
+  if functional is None or not getattr(functional, '_nodes_by_depth', None):
+    compressed = CompressedModel(model, bits, None, **kwargs)
+  else:
+    plan = plan_lib.make_plan(functional, bits)
+    compressed = CompressedModel(functional, bits, plan, original=model,
+                                 **kwargs)
   if verbose:
     from blpa.keras.report import report  # pylint: disable=import-outside-toplevel
     print(report(compressed, 1))
   return compressed
+
+
+def _per_example_bytes(t):
+  dims = list(t.shape)[1:]
+  if any(d is None for d in dims):
+    return 0
+  size = tf.as_dtype(t.dtype).size
+  for d in dims:
+    size *= int(d)
+  return size
+
+
+def _warn_coverage(compressed, record, values):
+  """Warns once when the layers that keep their ordinary gradient read
+  more than half of the bytes that the model's layers read (what plain
+  Keras keeps, roughly), naming the largest of them."""
+  plain, ordinary = {}, {}
+  def count(name, kind, tensors):
+    for t in tensors:
+      size = _per_example_bytes(t)
+      plain[id(t)] = size
+      if kind == 'ordinary':
+        ordinary[name] = ordinary.get(name, 0) + size
+  for step in (compressed._blpa_plan or {}).values():  # pylint: disable=protected-access
+    if step.kind in ('model', 'descend'):
+      continue
+    tensors = [values[id(kt)] for kt in step.node.input_tensors
+               if id(kt) in values]
+    count(step.layer.name, step.kind, tensors)
+  for row in record:
+    count(row['layer'].name, row['step'].kind, row['inputs'])
+  total = sum(plain.values())
+  lost = sum(ordinary.values())
+  if total and lost > total / 2:
+    worst = sorted(ordinary.items(), key=lambda kv: -kv[1])[:5]
+    warnings.warn(
+        f'blpa.keras.compress({compressed.bits}) of '
+        f'{compressed._blpa_original.name!r}: layers that keep their '  # pylint: disable=protected-access
+        f'ordinary gradient read {lost / total:.0%} of the activations, so '
+        f'less than half can be compressed; largest: '
+        + ', '.join(f'{n} ({b} bytes per example)' for n, b in worst)
+        + '. blpa.keras.report(model, batch_size) says why.',
+        RuntimeWarning, stacklevel=3)

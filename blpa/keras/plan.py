@@ -10,16 +10,26 @@ import dataclasses
 from typing import Any, Optional
 
 import keras
+import tensorflow as tf
+
+from blpa.keras import backward
 
 L = keras.layers
 
+#: Dtypes the analytic backward passes compute in (a layer's compute dtype
+#: and its float inputs); float64 layers keep their ordinary gradient.
+FLOAT_DTYPES = ('float16', 'bfloat16', 'float32')
+
 #: Layers whose backward pass needs no stored activation at all.
 SHAPE_KINDS = ('add', 'concat', 'zeropad', 'crop', 'reshape', 'gap',
-               'avgpool')
+               'avgpool', 'upsampling', 'gap1d', 'avgpool1d')
 #: Layers with kernels and an analytic backward (:func:`kernels_of`).
-LINEAR_KINDS = ('conv2d', 'depthwise', 'separable', 'dense')
+LINEAR_KINDS = ('conv2d', 'depthwise', 'separable', 'dense', 'conv1d',
+                'conv3d', 'conv2d_transpose')
 #: Max pools: argmax from the restored input, or from a 1-bit mask.
-MAX_POOL_KINDS = ('maxpool', 'maxpool_mask')
+MAX_POOL_KINDS = ('maxpool', 'maxpool_mask', 'maxpool1d')
+#: Pools whose backward reads a copy of their input.
+COPY_POOL_KINDS = ('maxpool', 'maxpool1d')
 
 
 @dataclasses.dataclass
@@ -31,9 +41,12 @@ class Step:
       ``'conv2d'``, ``'depthwise'``, ``'separable'``, ``'dense'``,
       ``'relu'``, ``'maxpool'``,
       ``'dropout'``, one of :data:`SHAPE_KINDS`, ``'model'`` (a nested
-      functional model), ``'generic'`` or ``'ordinary'``.
-    node: the Keras node.
-    act: for ``'bn_act'``: ``None``, ``'relu'`` or ``'relu6'``.
+      functional model), ``'descend'`` (a custom layer whose sublayers get
+      wrappers, :mod:`blpa.keras.leaves`), ``'generic'`` or ``'ordinary'``.
+    node: the Keras node (for a call seen by :mod:`blpa.keras.leaves`, a
+      :class:`CallView`).
+    act: for ``'bn_act'`` and the linear kinds: ``None``, ``'relu'`` or
+      ``'relu6'`` (for a linear layer, its own ``activation``).
     act_node: for ``'bn_act'`` with an activation: the activation's node.
     reason: why a node is generic or ordinary (empty otherwise).
   """
@@ -75,19 +88,57 @@ def relu_kind(op):
   return None
 
 
-def _linear(op):
+@dataclasses.dataclass
+class CallView:
+  """What :func:`step_of` reads of a node, for one call of a layer seen
+  at run time (:mod:`blpa.keras.leaves`).
+
+  Attributes:
+    input_tensors: the float tensors of the call, each once.
+    kwargs: the call's keyword arguments.
+  """
+  input_tensors: list
+  kwargs: dict
+
+  @property
+  def arguments(self):
+    return self
+
+  outputs = ()
+
+
+def linear_act(op):
+  """``''`` for a layer without activation, ``'relu'``/``'relu6'`` for
+  those, None for any other activation."""
   act = getattr(op, 'activation', None)
-  return act is None or act is keras.activations.linear
+  if act is None or act is keras.activations.linear:
+    return ''
+  if act is keras.activations.relu:
+    return 'relu'
+  if act is keras.activations.relu6:
+    return 'relu6'
+  return None
 
 
-def _float32(node):
-  return all(t.dtype == 'float32' for t in node.input_tensors)
+def dtype_name(t):
+  """The dtype name of a tensor or KerasTensor."""
+  return tf.as_dtype(t.dtype).name
+
+
+def _dtype_reason(op, node):
+  """Why a layer's dtypes rule out the analytic path ('' if they do not)."""
+  if getattr(op, 'compute_dtype', 'float32') not in FLOAT_DTYPES:
+    return f'compute dtype {op.compute_dtype}'
+  for t in node.input_tensors:
+    if dtype_name(t) not in FLOAT_DTYPES:
+      return f'input dtype {dtype_name(t)}'
+  return ''
 
 
 def _plain_weights(op):
   """Why a layer's kernel cannot take the analytic path ('' if it can)."""
-  if not _linear(op):
-    return 'activation inside the layer'
+  if linear_act(op) is None:
+    return 'activation inside the layer (not relu/relu6)'
   if getattr(op, 'lora_enabled', False):
     return 'LoRA enabled'
   if getattr(op, 'quantization_mode', None):
@@ -109,10 +160,16 @@ def kernels_trained(kind, layer):
 
 
 _CONV_KINDS = {L.Conv2D: 'conv2d', L.DepthwiseConv2D: 'depthwise',
-               L.SeparableConv2D: 'separable'}
+               L.SeparableConv2D: 'separable', L.Conv1D: 'conv1d',
+               L.Conv3D: 'conv3d', L.Conv2DTranspose: 'conv2d_transpose'}
+_CONV_SUPPORT = {L.Conv1D: backward.supports_conv1d,
+                 L.Conv3D: backward.supports_conv3d,
+                 L.Conv2DTranspose: backward.supports_conv2d_transpose}
 
 
 def _conv_reason(op):
+  if type(op) in _CONV_SUPPORT:
+    return _CONV_SUPPORT[type(op)](op) or _plain_weights(op)
   if op.data_format != 'channels_last':
     return 'channels_first'
   if getattr(op, 'groups', 1) != 1:
@@ -131,8 +188,8 @@ def _bn_reason(op, node):
   if 'mask' in node.arguments.kwargs and node.arguments.kwargs['mask'] is \
       not None:
     return 'masked'
-  if op.compute_dtype != 'float32' or op.variable_dtype != 'float32':
-    return f'dtype {op.compute_dtype}'
+  if op.compute_dtype not in FLOAT_DTYPES or op.variable_dtype != 'float32':
+    return f'dtype {op.compute_dtype} (variables {op.variable_dtype})'
   if rank < 2 or node.input_tensors[0].shape[-1] is None:
     return 'unknown channel count'
   return ''
@@ -148,11 +205,29 @@ def _concat_ok(op, node):
   return all(t.shape[axis] is not None for t in node.input_tensors)
 
 
+def _masked(node):
+  """Whether a call gets a Keras mask (given, or carried by its input)."""
+  if node.arguments.kwargs.get('mask') is not None:
+    return True
+  return any(getattr(t, '_keras_mask', None) is not None
+             for t in node.input_tensors)
+
+
 def _fixed_kind(op, node):
   """Kind of a layer with an analytic backward, or None."""
   channels_last = getattr(op, 'data_format', 'channels_last') == \
       'channels_last'
   checks = (
+      ((L.UpSampling1D, L.UpSampling2D), 'upsampling',
+       lambda: not backward.supports_upsampling(op)),
+      (L.GlobalAveragePooling1D, 'gap1d',
+       lambda: not backward.supports_global_avg_pool1d(op, _masked(node))),
+      ((L.GlobalMaxPooling1D, L.GlobalMaxPooling2D), 'gmp',
+       lambda: not backward.supports_global_max_pool(op)),
+      (L.AveragePooling1D, 'avgpool1d',
+       lambda: not backward.supports_avg_pool1d(op)),
+      (L.MaxPooling1D, 'maxpool1d',
+       lambda: not backward.supports_max_pool1d(op)),
       (L.Add, 'add', lambda: _same_shapes(node)),
       (L.Concatenate, 'concat', lambda: _concat_ok(op, node)),
       (L.ZeroPadding2D, 'zeropad', lambda: channels_last),
@@ -186,7 +261,7 @@ def _generic_reason(op, node):
   """Why a node cannot be recomputed from copies of its inputs ('' if ok)."""
   if not node.input_tensors:
     return 'no tensor inputs'
-  if not all(t.dtype in ('float16', 'bfloat16', 'float32', 'float64')
+  if not all(dtype_name(t) in ('float16', 'bfloat16', 'float32', 'float64')
              for t in node.input_tensors):
     return 'non-float input'
   if isinstance(op, keras.layers.Layer):
@@ -197,24 +272,56 @@ def _generic_reason(op, node):
   return ''
 
 
+def sublayers(layer):
+  """The layers a layer tracks directly (not itself)."""
+  return list(layer._flatten_layers(include_self=False, recursive=False))  # pylint: disable=protected-access
+
+
+def descend_reason(layer):
+  """'' when :mod:`blpa.keras.leaves` gives a layer's sublayers their
+  wrappers, else why not.
+
+  Models (subclassed, functional or Sequential) and custom layers with
+  sublayers are descended into. Keras's own layers with sublayers
+  (``MultiHeadAttention``, ``RNN``, ``Bidirectional``, ...) run as one
+  leaf: they run their sublayers in loops or with state of their own.
+  """
+  if isinstance(layer, keras.Model):
+    return ''
+  if not sublayers(layer):
+    return 'no sublayers'
+  module = type(layer).__module__
+  if module.startswith('keras.') or module == 'keras':
+    return f'Keras layer {type(layer).__name__} runs as one unit'
+  return ''
+
+
 def _node_step(op, node, consumers, outputs, bits):
   """The :class:`Step` of one node (before BN+ReLU grouping)."""
   if functional_of(op) is not None:
     return Step('model', node)
+  if isinstance(op, keras.layers.Layer) and not descend_reason(op):
+    return Step('descend', node)
+  return step_of(op, node)
+
+
+def step_of(op, node):
+  """The :class:`Step` of one call of a leaf layer (no sublayers)."""
   if isinstance(op, L.BatchNormalization):
     reason = _bn_reason(op, node)
     return Step('ordinary', node, reason=reason) if reason else Step(
         'bn_act', node)
-  if not _float32(node):
-    return Step('ordinary', node, reason='input dtype is not float32')
+  reason = _dtype_reason(op, node)
+  if reason:
+    return Step('ordinary', node, reason=reason)
   if type(op) in _CONV_KINDS:
     reason = _conv_reason(op)
     if not reason:
-      return Step(_CONV_KINDS[type(op)], node)
+      return Step(_CONV_KINDS[type(op)], node, act=linear_act(op) or None)
   elif isinstance(op, L.Dense) and type(op) is L.Dense:
     reason = _plain_weights(op)
     if not reason:
-      return Step('dense', node)
+      return Step('dense', node, act=linear_act(op) or None)
   elif relu_kind(op):
     return Step('relu', node, act=relu_kind(op))
   else:

@@ -1,6 +1,16 @@
-"""``report(compressed, batch_size)``: what each layer keeps for backward."""
+"""``report(compressed, batch_size)``: what each layer keeps for backward.
 
-from blpa.keras import codecs, plan as plan_lib
+The report traces (does not run) one call of the compressed model on zeros
+of its inputs: the functional graph's steps get their shapes from the trace,
+and the leaf layers of subclassed models and custom layers
+(:mod:`blpa.keras.leaves`) are listed as they were called. It ends with the
+coverage: what plain Keras keeps for backward (:func:`kept_bytes` of the
+original) against what the compressed model keeps.
+"""
+
+import tensorflow as tf
+
+from blpa.keras import codecs, kept as kept_lib, plan as plan_lib
 
 EAGER_NOTE = (
     'Eager mode (run_eagerly=True, or a GradientTape loop without '
@@ -17,6 +27,12 @@ _WHAT = {
     'dense': 'analytic Dense backward',
     'maxpool': 'MaxPoolGrad on the restored input',
     'maxpool_mask': 'argmax mask (1 bit per input value)',
+    'maxpool1d': 'MaxPoolGrad on the restored input',
+    'gmp': 'maximum mask (1 bit per input value)',
+    'descend': 'custom layer: its sublayers get wrappers',
+    'conv1d': 'analytic Conv1D backward',
+    'conv3d': 'analytic Conv3D backward',
+    'conv2d_transpose': 'analytic Conv2DTranspose backward',
     'relu': 'mask (1 bit per value)',
     'dropout': 'mask (1 bit per value)',
     'model': 'nested model (its layers are listed)',
@@ -26,7 +42,11 @@ _WHAT = {
 }
 
 
-def _shape(kt, batch):
+def _shape(kt, batch, shapes=None):
+  """The shape of a KerasTensor in the traced call (else its static
+  shape with the batch size)."""
+  if shapes and id(kt) in shapes:
+    return [int(d) for d in shapes[id(kt)]]
   return [batch] + [int(d) for d in kt.shape[1:]]
 
 
@@ -46,14 +66,45 @@ def _copy_needs(step):
   if step.kind in plan_lib.LINEAR_KINDS:
     trained = plan_lib.kernels_trained(step.kind, step.layer)
     return list(step.node.input_tensors[:1]) if trained else []
-  if step.kind in ('maxpool', 'generic'):
+  if step.kind in plan_lib.COPY_POOL_KINDS or step.kind == 'generic':
     return list(step.node.input_tensors)
   return []
 
 
-def rows(compressed, batch_size):
-  """Per node: a dict with ``layer``, ``kind``, ``keeps``, ``bytes``,
-  ``reason`` (bytes for a batch of ``batch_size``)."""
+def _trace(compressed, sample):
+  """``(record, shapes)`` of one traced training call."""
+  record, shapes = [], {}
+  # object.__setattr__: Keras would track (copy) a list or dict attribute.
+  object.__setattr__(compressed, '_blpa_record', record)
+  object.__setattr__(compressed, '_blpa_shapes', shapes)
+  try:
+    tf.function(lambda xs: compressed(xs, training=True)).get_concrete_function(
+        sample)
+  finally:
+    object.__setattr__(compressed, '_blpa_record', None)
+    object.__setattr__(compressed, '_blpa_shapes', None)
+  return record, shapes
+
+
+def rows(compressed, batch_size, inputs=None, input_shapes=None):
+  """Per node (functional models) and per leaf-layer call (subclassed models
+  and custom layers): a dict with ``layer``, ``kind``, ``keeps``,
+  ``bytes``, ``reason`` (bytes for a batch of ``batch_size``).
+
+  ``inputs`` (a sample batch) or ``input_shapes`` give shapes that the model
+  does not know (:func:`blpa.keras.kept.sample_inputs`).
+  """
+  sample = kept_lib.sample_inputs(compressed, batch_size, inputs,
+                                  input_shapes)
+  record, shapes = _trace(compressed, sample)
+  return _plan_rows(compressed, batch_size, shapes) + _leaf_rows(
+      compressed.bits, record)
+
+
+def _plan_rows(compressed, batch_size, shapes):
+  """Rows of the functional plan's steps."""
+  if compressed.plan is None:
+    return []
   bits = compressed.bits
   steps = compressed.plan
   links = _outer_links(steps)
@@ -64,18 +115,18 @@ def rows(compressed, batch_size):
   for step in steps:
     keeps, size = _WHAT.get(step.kind, 'shapes only'), 0
     if step.kind == 'bn_act':
-      shape = _shape(step.node.outputs[0], batch_size)
-      size = codecs.copy_bytes(shape, bits) * batch_size
+      shape = _shape(step.node.outputs[0], batch_size, shapes)
+      size = codecs.copy_bytes(shape, bits) * shape[0]
       if bits:
         keeps = f'{bits}-bit codes of the BN output, exact {step.act} mask'
       else:
         keeps = 'exact copy of the BN input'
       if step.act == 'relu6':
-        size += codecs.mask_bytes(shape) * batch_size
+        size += codecs.mask_bytes(shape) * shape[0]
         keeps += ' + upper mask (1 bit)'
-    elif step.kind in ('relu', 'dropout', 'maxpool_mask'):
-      kt = step.node.input_tensors[0]
-      size = codecs.mask_bytes(_shape(kt, batch_size)) * batch_size
+    elif step.kind in ('relu', 'dropout', 'maxpool_mask', 'gmp'):
+      shape = _shape(step.node.input_tensors[0], batch_size, shapes)
+      size = codecs.mask_bytes(shape) * shape[0]
     for kt in _copy_needs(step):
       kt = links.get(id(kt), kt)
       inner = links.get(id(plan_lib.unpadded(kt)), plan_lib.unpadded(kt))
@@ -88,9 +139,9 @@ def rows(compressed, batch_size):
       if id(kt) in model_inputs:
         keeps += '; model input referenced (held by the caller)'
         continue
-      shape = _shape(kt, batch_size)
+      shape = _shape(kt, batch_size, shapes)
       q = bits if codecs.quantizable(kt) else 0
-      size += codecs.copy_bytes(shape, q) * batch_size
+      size += codecs.copy_bytes(shape, q, _itemsize(kt)) * shape[0]
       keeps += f'; {q or 32}-bit copy of input {kt.shape}'
     name = getattr(step.layer, 'name', type(step.layer).__name__)
     out.append(dict(layer=name, kind=step.kind, keeps=keeps, bytes=int(size),
@@ -98,20 +149,80 @@ def rows(compressed, batch_size):
   return out
 
 
-def report(compressed, batch_size):
+def _itemsize(t):
+  return tf.as_dtype(t.dtype).size
+
+
+def _codec_bytes(shape, codec):
+  """Bytes of a copy made by :class:`blpa.keras.leaves.Registry`."""
+  shape = [int(d) for d in shape]
+  if isinstance(codec, codecs.MinMax):
+    return codecs.copy_bytes(shape, codec.bits) * shape[0]
+  if isinstance(codec, codecs.Exact):
+    return codecs.copy_bytes(shape, 0, _itemsize(codec.x)) * shape[0]
+  return 0
+
+
+def _leaf_rows(bits, record):
+  """Rows of the leaf-layer calls seen while tracing."""
+  out = []
+  for row in record:
+    step, layer = row['step'], row['layer']
+    shape = [int(d) for d in row['inputs'][0].shape]
+    size = sum(_codec_bytes(s, c) for s, c in row['copies'])
+    keeps = _WHAT.get(step.kind, 'shapes only')
+    if step.kind in ('relu', 'dropout', 'maxpool_mask', 'gmp'):
+      size += codecs.mask_bytes(shape) * shape[0]
+    elif step.kind == 'bn_act':
+      itemsize = row['inputs'][0].dtype.size
+      size += codecs.copy_bytes(shape, bits, itemsize) * shape[0]
+      keeps = (f'{bits}-bit codes of the BN output (a ReLU layer after it '
+               'reuses them)' if bits else 'exact copy of the BN input')
+    if row['copies']:
+      keeps += '; copy of its input'
+    out.append(dict(layer=getattr(layer, 'path', None) or layer.name,
+                    kind=step.kind, keeps=keeps, bytes=int(size),
+                    reason=step.reason))
+  return out
+
+
+def coverage(compressed, batch_size, inputs=None, input_shapes=None):
+  """``(plain, compressed)``: bytes that one training step keeps for
+  backward with the original model and with the compressed one
+  (:func:`blpa.keras.kept_bytes`)."""
+  sample = kept_lib.sample_inputs(compressed, batch_size, inputs,
+                                  input_shapes)
+  original = compressed._blpa_original  # pylint: disable=protected-access
+  plain = kept_lib.kept_bytes(original, batch_size, inputs=sample)['total']
+  ours = kept_lib.kept_bytes(compressed, batch_size, inputs=sample)['total']
+  return plain, ours
+
+
+def _size(nbytes):
+  if nbytes >= 2**20:
+    return f'{nbytes / 2**20:.1f} MiB'
+  return f'{nbytes / 2**10:.1f} KiB'
+
+
+def report(compressed, batch_size, inputs=None, input_shapes=None):
   """A text table: per layer what it keeps, its bytes, and why a layer took
   the generic path or kept its ordinary gradient.
 
   Args:
     compressed: a model from :func:`blpa.keras.compress`.
     batch_size: batch size for the byte counts.
+    inputs: a sample batch, for inputs whose shapes the model does not know
+      (a subclassed model, a sequence length ``None``).
+    input_shapes: or those shapes without the batch dimension, in the
+      structure of the inputs.
 
   Returns:
     The report as a string.
   """
-  table = rows(compressed, batch_size)
+  table = rows(compressed, batch_size, inputs, input_shapes)
+  original = compressed._blpa_original  # pylint: disable=protected-access
   lines = [f'blpa.keras.compress(bits={compressed.bits}) of '
-           f'{compressed.source.name!r}, batch {batch_size}',
+           f'{original.name!r}, batch {batch_size}',
            f'{"layer":32s} {"kind":10s} {"bytes":>12s}  keeps']
   for row in table:
     why = f'  [{row["reason"]}]' if row['reason'] else ''
@@ -124,4 +235,10 @@ def report(compressed, batch_size):
   lines.append(f'total kept: {total} bytes ({total / 2**20:.1f} MiB); '
                + ', '.join(f'{k}: {v}' for k, v in sorted(kinds.items())))
   lines.append(EAGER_NOTE)
+  plain, ours = coverage(compressed, batch_size, inputs, input_shapes)
+  ratio = f'{plain / ours:.1f}x less' if ours else 'nothing kept'
+  lines.append(
+      f'coverage: one training step keeps {_size(plain)} for backward with '
+      f'plain Keras, {_size(ours)} compressed ({ratio}; '
+      'blpa.keras.kept_bytes, glue ops included)')
   return '\n'.join(lines)

@@ -25,7 +25,8 @@ try:  # one-pass BN+ReLU kernels, when the package has them
 except ImportError:  # pragma: no cover
   fused = None
 from blpa.keras import backward, codecs, plan as plan_lib
-from blpa.keras.gradient import custom_op, trainable_of
+from blpa.keras.gradient import custom_op, logits_of, raw_variable, \
+    trainable_of
 
 _SCALE_MIN = np.float32(1e-8)
 
@@ -51,15 +52,25 @@ def _handed_on(input_grads, weight_grads):
 # BatchNormalization (+ ReLU / ReLU6): the BLPA case.
 
 
+def autocast_input(layer, x):
+  """``x`` as ``layer.__call__`` hands it to ``call``: float inputs cast to
+  the layer's input dtype when it autocasts (under mixed precision, the
+  compute dtype)."""
+  return layer.dtype_policy.convert_input(x, layer.autocast, layer.input_dtype)
+
+
 def bn_forward(layer, z, batch_stats):
   """The forward pass of ``keras.layers.BatchNormalization.call``.
 
   The same ops in the same order (no mask, no renorm), so outputs and
-  moving statistics are bit-identical to the layer's.
+  moving statistics are bit-identical to the layer's. Half-precision
+  inputs are computed in float32, as Keras does.
 
   Returns:
-    ``(out, mean, variance, gamma, beta)``; gamma/beta None when absent.
+    ``(out, mean, variance, gamma, beta)``; gamma/beta None when absent;
+    all but ``out`` (the layer's compute dtype) float32.
   """
+  z = ops.cast(z, 'float32')
   moving_mean = ops.cast(layer.moving_mean, z.dtype)
   moving_variance = ops.cast(layer.moving_variance, z.dtype)
   gamma = ops.cast(layer.gamma, z.dtype) if layer.scale else None
@@ -132,6 +143,7 @@ class BatchNormCopy:
                batch_stats):
     self.act, self.bits, self.batch_stats = act, bits, batch_stats
     self.epsilon = layer.epsilon
+    self.out_dtype = tf.as_dtype(layer.compute_dtype)
     self.shape = tf.shape(z)
     self.static_shape = z.shape
     channels = z.shape[-1]
@@ -167,8 +179,9 @@ class BatchNormCopy:
       if self.upper is not None:
         masks.append(masks_lib.unpack(*self.upper))
     else:
-      y_norm = (self.z - self.mean) * self.inv_sigma
-      h = ops.batch_normalization(x=self.z, mean=self.mean,
+      z = tf.cast(self.z, tf.float32)
+      y_norm = (z - self.mean) * self.inv_sigma
+      h = ops.batch_normalization(x=z, mean=self.mean,
                                   variance=self.variance, axis=-1,
                                   offset=self.beta, scale=self.gamma,
                                   epsilon=self.epsilon)
@@ -186,7 +199,8 @@ class BatchNormCopy:
     return [self.codes] + ([self.upper[0]] if self.upper is not None else [])
 
   def grad(self, dout):
-    """``(dz, dgamma, dbeta)`` from the gradient of the output."""
+    """``(dz, dgamma, dbeta)`` (float32) from the gradient of the output."""
+    dout = tf.cast(dout, tf.float32)
     if self.fused:
       if self.upper is not None:  # ReLU6: the upper mask, then as ReLU
         dout = masks_lib.select(dout, self.upper[0])
@@ -203,7 +217,11 @@ class BatchNormCopy:
                                self.batch_stats)
 
   def restore(self):
-    """The (approximate) output of the activation (or of the BN)."""
+    """The (approximate) output of the activation (or of the BN), in the
+    layer's compute dtype."""
+    return tf.cast(self._restore(), self.out_dtype)
+
+  def _restore(self):
     if self.fused:
       out = fused.bn_relu_restore(self.codes, self.cs, self.offset,
                                   self.bits, relu=bool(self.act))
@@ -218,6 +236,9 @@ class BatchNormCopy:
 def run_bn_act(layer, act_layer, act, z, bits, batch_stats):
   """BatchNormalization, then optionally its ReLU, as one custom gradient.
 
+  ``z`` is the BN's input as its ``__call__`` gets it (it is autocast here,
+  as Keras does); the statistics and the codes are computed in float32.
+
   Returns:
     ``(out, copy)``: the activation's output and its :class:`BatchNormCopy`.
   """
@@ -226,9 +247,11 @@ def run_bn_act(layer, act_layer, act, z, bits, batch_stats):
                           layer.beta if layer.center else None])
 
   def forward(xs):
-    h, mean, variance, gamma, beta = bn_forward(layer, xs[0], batch_stats)
+    z = autocast_input(layer, xs[0])
+    h, mean, variance, gamma, beta = bn_forward(layer, z, batch_stats)
     out = act_layer(h) if act_layer is not None else h
-    kept['copy'] = copy = BatchNormCopy(layer, act, bits, xs[0], h, mean,
+    kept['copy'] = copy = BatchNormCopy(layer, act, bits, z,
+                                        tf.cast(h, tf.float32), mean,
                                         variance, gamma, beta, batch_stats)
     out = codecs.after(out, copy.tensors())
 
@@ -255,34 +278,52 @@ def _linear_backward(kind, layer, x_shape, x, kernels, dy):
   if kind == 'dense':
     dx, dk = backward.dense(x_shape, x, kernels[0], dy)
   else:
-    fn = backward.conv2d if kind == 'conv2d' else backward.depthwise_conv2d
-    dx, dk = fn(layer, x_shape, x, kernels[0], dy)
+    dx, dk = _CONV_BACKWARD[kind](layer, x_shape, x, kernels[0], dy)
   return dx, [dk]
 
 
-def run_linear(kind, layer, x, codec):
-  """Conv2D, DepthwiseConv2D, SeparableConv2D or Dense with an analytic
-  backward.
+_CONV_BACKWARD = {'conv2d': backward.conv2d,
+                  'depthwise': backward.depthwise_conv2d,
+                  'conv1d': backward.conv1d, 'conv3d': backward.conv3d,
+                  'conv2d_transpose': backward.conv2d_transpose}
+
+
+def run_linear(kind, layer, x, codec, call=None, act=None):
+  """A layer of ``plan.LINEAR_KINDS`` (convolutions, Dense) with an
+  analytic backward, computed in the layer's compute dtype.
 
   Args:
     kind: one of ``plan.LINEAR_KINDS``.
     layer: the Keras layer.
     x: its input.
     codec: the compact copy of ``x`` (None if the kernels are frozen).
+    call: ``call(x)`` running the layer (default ``layer(x)``).
+    act: ``'relu'`` or ``'relu6'`` when the layer's own ``activation`` is
+      one (its output's mask is kept, 1 bit per value), else None.
   """
   has_bias = getattr(layer, 'use_bias', False) and layer.bias is not None
   variables = plan_lib.kernels_of(kind, layer)
   weights = trainable_of(variables + [layer.bias if has_bias else None])
+  call = call or layer
+  dtype = tf.as_dtype(layer.compute_dtype)
 
   def forward(xs):
-    out = codecs.after(layer(xs[0]),
-                       codec.tensors() if codec is not None else [])
-    kernels = [tf.convert_to_tensor(v) for v in variables]
+    out = call(xs[0])
+    packed = masks_lib.pack(relu_keep(act)(out))[0] if act else None
+    kept = (codec.tensors() if codec is not None else []) + [packed]
+    out = codecs.after(out, kept)
+    kernels = [tf.cast(tf.convert_to_tensor(raw_variable(v)), dtype)
+               for v in variables]
     x_shape = tf.shape(xs[0])
 
+    def restore():
+      return tf.cast(codec.restore(), dtype)
+
     def grad(douts):
-      dout = douts[0]
-      x_kept = _after(douts, codec.restore) if codec is not None else None
+      dout = tf.cast(douts[0], dtype)
+      if packed is not None:
+        dout = _after(douts, lambda: masks_lib.select(dout, packed))
+      x_kept = _after(douts, restore) if codec is not None else None
       dx, dks = _linear_backward(kind, layer, x_shape, x_kept, kernels, dout)
       by_var = {id(v): dk for v, dk in zip(variables, dks)}
       if has_bias:
@@ -299,15 +340,17 @@ def run_linear(kind, layer, x, codec):
 # Layers without weights.
 
 
-def run_masked(layer, x, keep_fn, scale=1.0, **kwargs):
+def run_masked(layer, x, keep_fn, scale=1.0, call=None, **kwargs):
   """A layer whose gradient is ``dout * scale`` where ``keep_fn(out)``.
 
   Used for ReLU / ReLU6 (mask of ``0 < out < 6``) and Dropout (mask of
-  ``out != 0``); the mask is kept packed, 1 bit per value.
+  ``out != 0``); the mask is kept packed, 1 bit per value. ``call(x,
+  **kwargs)`` runs the layer (default ``layer``).
   """
+  call = call or layer
 
   def forward(xs):
-    out = layer(xs[0], **kwargs)
+    out = call(xs[0], **kwargs)
     packed, _ = masks_lib.pack(keep_fn(out))
     out = codecs.after(out, [packed])
 
@@ -320,18 +363,20 @@ def run_masked(layer, x, keep_fn, scale=1.0, **kwargs):
   return custom_op(forward, [x])
 
 
-def run_max_pool_mask(layer, x):
+def run_max_pool_mask(layer, x, call=None):
   """MaxPooling2D with non-overlapping VALID windows: keeps a 1-bit mask of
-  the positions equal to their window's maximum (ties, which have measure
-  zero except at a ReLU's zeros, all get the gradient)."""
+  the position that gets each window's gradient (the first equal to its
+  maximum, as TF's ``MaxPoolGrad`` chooses)."""
   ph, pw = layer.pool_size
+  call = call or layer
 
   def forward(xs):
-    out = layer(xs[0])
-    x_shape = tf.shape(xs[0])
-    up = backward.repeat2d(out, ph, pw)
-    size = tf.shape(up)
-    packed, _ = masks_lib.pack(xs[0][:, :size[1], :size[2]] == up)
+    out = call(xs[0])
+    x = autocast_input(layer, xs[0])
+    x_shape = tf.shape(x)
+    size = tf.shape(out) * [1, ph, pw, 1]
+    packed, _ = masks_lib.pack(backward.first_max_mask(
+        x[:, :size[1], :size[2]], out, ph, pw))
     out = codecs.after(out, [packed])
 
     def grad(douts):
@@ -345,6 +390,28 @@ def run_max_pool_mask(layer, x):
   return custom_op(forward, [x])
 
 
+def run_global_max_pool(layer, x, call=None):
+  """GlobalMaxPooling1D/2D: keeps a 1-bit mask of the positions equal to
+  their (sample, channel) maximum; ties share the gradient equally, as
+  TensorFlow's ``reduce_max`` gradient does."""
+  call = call or layer
+
+  def forward(xs):
+    out = call(xs[0])
+    mask = backward.global_max_pool_mask(layer, autocast_input(layer, xs[0]))
+    packed, shape = masks_lib.pack(mask)
+    out = codecs.after(out, [packed])
+
+    def grad(douts):
+      dout = douts[0]
+      return [_after(douts, lambda: backward.global_max_pool(
+          layer, masks_lib.unpack(packed, shape), dout))], []
+
+    return out, grad
+
+  return custom_op(forward, [x])
+
+
 def relu_keep(act):
   """The mask function of a ReLU (``act='relu'``) or ReLU6 output."""
   if act == 'relu6':
@@ -352,7 +419,7 @@ def relu_keep(act):
   return lambda out: out > 0
 
 
-def run_shape_op(kind, layer, xs, codec=None):
+def run_shape_op(kind, layer, xs, codec=None, call=None):
   """Add, Concatenate, padding, cropping, reshapes and pooling.
 
   Only shapes are kept (MaxPooling2D also keeps ``codec``, the compact copy
@@ -363,14 +430,16 @@ def run_shape_op(kind, layer, xs, codec=None):
     layer: the Keras layer.
     xs: list of input tensors.
     codec: for ``'maxpool'``: the copy of the input.
+    call: ``call(x_or_list)`` running the layer (default ``layer``).
 
   Returns:
     The layer's output.
   """
   multi = kind in ('add', 'concat')
+  call = call or layer
 
   def forward(xs):
-    out = layer(list(xs) if multi else xs[0])
+    out = call(list(xs) if multi else xs[0])
     if codec is not None:
       out = codecs.after(out, codec.tensors())
     shapes = [tf.shape(x) for x in xs]
@@ -406,8 +475,16 @@ def _single_shape_grad(kind, layer, shapes, codec, douts):
     return backward.global_avg_pool2d(layer, shapes[0], dout)
   if kind == 'avgpool':
     return backward.avg_pool2d(layer, shapes[0], dout)
-  if kind == 'maxpool':
-    return backward.max_pool2d(layer, _after(douts, codec.restore), dout)
+  if kind == 'upsampling':
+    return backward.upsampling(layer, shapes[0], dout)
+  if kind == 'gap1d':
+    return backward.global_avg_pool1d(layer, shapes[0], dout)
+  if kind == 'avgpool1d':
+    return backward.avg_pool1d(layer, shapes[0], dout)
+  if kind in plan_lib.COPY_POOL_KINDS:
+    x = _after(douts, lambda: tf.cast(codec.restore(), dout.dtype))
+    fn = backward.max_pool2d if kind == 'maxpool' else backward.max_pool1d
+    return fn(layer, x, dout)
   raise ValueError(f'unknown shape-op kind {kind!r}')
 
 
@@ -434,12 +511,15 @@ def run_generic(call, xs, kept, trainable):
     specs = [(tf.shape(x), x.dtype) for x in xs]
 
     def grad(douts):
-      restored = _after(douts, lambda: [c.restore() for c in kept])
-      values = [v.value for v in weights]
+      restored = _after(douts, lambda: [
+          tf.cast(c.restore(), x.dtype) for c, x in zip(kept, xs)])
+      values = [raw_variable(v) for v in weights]
       with tf.GradientTape() as tape:
         tape.watch(restored)
-        again = tf.nest.flatten(call(restored))
-      douts = [tf.zeros_like(a) if d is None else d
+        outs_again = call(restored)
+        again = tf.nest.flatten(outs_again)
+        again += [t for t in logits_of(outs_again) if t is not None]
+      douts = [tf.zeros_like(a) if d is None else tf.cast(d, a.dtype)
                for a, d in zip(again, douts)]
       grads = tape.gradient(again, restored + values, output_gradients=douts)
       dxs = [tf.zeros(shape, dtype) if g is None else g
@@ -448,4 +528,4 @@ def run_generic(call, xs, kept, trainable):
 
     return outs, grad
 
-  return custom_op(forward, xs, weights)
+  return custom_op(forward, xs, weights, logits=True)
