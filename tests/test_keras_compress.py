@@ -3,6 +3,7 @@ at bits=0, close gradients at bits 8 and 4, and the Keras training APIs."""
 
 import io
 import contextlib
+import warnings
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import tensorflow as tf
 import keras
 
 from blpa import models
-from blpa.keras import compress, report
+from blpa.keras import compress, kept_bytes, report
 from blpa.keras.report import rows
 from tests import keras_helpers as kh
 
@@ -259,3 +260,90 @@ def test_bits8_codes_span_the_batch_without_clipping():
   assert copy4.widen is None
   err4 = np.abs(copy4.restore().numpy() - tf.nn.relu(h).numpy())
   assert err4[0, 0, 0, 0] > 5.0                # clipped near 3
+
+
+def test_softmax_head_with_string_loss_gets_keras_gradients():
+  """A default softmax head: Keras's crossentropy differentiates the logits
+  the output carries, which must be on the tape (bits 0 equals Keras)."""
+  inp = keras.Input((6, 6, 3))
+  h = keras.layers.Conv2D(4, 3, activation='relu')(inp)
+  h = keras.layers.GlobalAveragePooling2D()(h)
+  model = keras.Model(inp, keras.layers.Dense(3, activation='softmax')(h))
+  x, _ = kh.batch([4, 6, 6, 3])
+  y = np.array([0, 1, 2, 1])
+  loss = keras.losses.get('sparse_categorical_crossentropy')
+  weights = model.get_weights()
+  grads = []
+  for m in (model, compress(model, 0)):
+    model.set_weights(weights)
+    with tf.GradientTape() as tape:
+      value = loss(y, m(x, training=True))
+    grads.append([g.numpy() for g in
+                  tape.gradient(value, model.trainable_variables)])
+  kh.assert_same_gradients(grads[0], grads[1])
+
+
+def test_tensor_used_twice_gets_its_gradient_once_per_use():
+  """``MultiHeadAttention(...)(h, h)`` at bits 0: the LayerNormalization
+  feeding it gets Keras's gradient, not twice it."""
+  inp = keras.Input((5, 8))
+  h = inp
+  for _ in range(2):
+    a = keras.layers.LayerNormalization()(h)
+    a = keras.layers.MultiHeadAttention(2, 4)(a, a)
+    h = keras.layers.Add()([h, a])
+  model = keras.Model(inp, keras.layers.GlobalAveragePooling1D()(h))
+  x, y = kh.batch([3, 5, 8], classes=8)
+  (_, g0, _), (_, g1, _) = kh.compare(model, compress(model, 0), x, y)
+  kh.assert_same_gradients(g0, g1)
+
+
+def test_report_and_kept_bytes_take_dict_inputs_and_unknown_lengths():
+  seq = keras.Input((None, 8), name='seq')
+  meta = keras.Input((4,), name='meta')
+  h = keras.layers.Conv1D(8, 3, padding='same', activation='relu')(seq)
+  h = keras.layers.GlobalAveragePooling1D()(h)
+  out = keras.layers.Dense(3, activation='softmax')(
+      keras.layers.Concatenate()([h, keras.layers.Dense(4)(meta)]))
+  model = keras.Model({'seq': seq, 'meta': meta}, out)
+  compressed = compress(model, 4)
+  with pytest.raises(ValueError, match="input 'seq'.*unknown dimension"):
+    report(compressed, 16)
+  text = report(compressed, 16, input_shapes={'seq': (32, 8), 'meta': (4,)})
+  assert 'coverage: one training step keeps' in text
+  sample = {'seq': np.zeros((1, 32, 8)), 'meta': np.zeros((1, 4))}
+  plain = kept_bytes(model, 16, inputs=sample)['total']
+  ours = kept_bytes(compressed, 16, inputs=sample)['total']
+  assert 0 < ours < plain
+  conv = [r for r in rows(compressed, 16, inputs=sample)
+          if r['kind'] == 'conv1d']
+  assert len(conv) == 1
+
+
+def test_activation_inside_conv_and_dense_keeps_a_mask():
+  inp = keras.Input((6, 6, 3))
+  h = keras.layers.Conv2D(4, 3, activation='relu')(inp)
+  h = keras.layers.Flatten()(h)
+  model = keras.Model(inp, keras.layers.Dense(5, activation='relu6')(h))
+  kinds = {s.kind: s.act for s in compress(model, 4).plan}
+  assert kinds == {'conv2d': 'relu', 'reshape': None, 'dense': 'relu6'}
+  x, y = kh.batch([4, 6, 6, 3], classes=5)
+  (_, g0, _), (_, g1, _) = kh.compare(model, compress(model, 0), x, y)
+  kh.assert_same_gradients(g0, g1)
+
+
+def test_compress_warns_when_little_can_be_compressed():
+  """Random layers keep their ordinary gradient (GaussianNoise here):
+  when they read most of the activations, the first call warns, once."""
+  inp = keras.Input((16, 16, 4))
+  h = keras.layers.GaussianNoise(0.1, name='noisy')(inp)
+  h = keras.layers.GaussianNoise(0.1, name='noisier')(h)
+  h = keras.layers.GlobalAveragePooling2D()(h)
+  model = keras.Model(inp, keras.layers.Dense(2)(h))
+  compressed = compress(model, 4)
+  x = np.zeros((2, 16, 16, 4), 'float32')
+  with pytest.warns(RuntimeWarning, match='less than half.*noisier'):
+    compressed(x)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    compressed(x)  # once only

@@ -91,7 +91,7 @@ def bn_forward(layer, z, batch_stats):
 
 #: Bits at which BN codes span the batch's values (:func:`code_widening`).
 WIDENED_BITS = (8,)
-#: Normalized half-range the codes cover for any offset (DESIGN.md's
+#: Normalized half-range the codes cover for any offset (docs/algorithm.md's
 #: quantizer spans about ±3, less up to two bins at the edges).
 _CODE_HALF_RANGE = 3.0
 
@@ -128,7 +128,7 @@ class BatchNormCopy:
   """What a BN (+ ReLU) keeps: K-bit codes of its output, or its input.
 
   At ``bits`` 4 or 8, the codes of ``a = h / cs`` with offset ``c = beta /
-  cs`` and ``cs = max(|gamma|, 1e-8)`` (DESIGN.md, "What each layer
+  cs`` and ``cs = max(|gamma|, 1e-8)`` (docs/algorithm.md, "What each layer
   saves"): the ReLU mask ``h > 0`` is exact; ReLU6 adds a packed mask of
   ``h < 6``. The codes span about ±3 in normalized units; at 8 bits
   ``cs`` is widened per channel (:func:`code_widening`) so that they span
