@@ -8,6 +8,7 @@ graph of one step says which forward tensors its backward pass reads.
 
 import pytest
 import keras
+import numpy as np
 
 from blpa import models
 from blpa.keras import compress, kept_bytes
@@ -69,7 +70,10 @@ def test_eight_bits_keep_twice_the_codes_of_four():
 def test_bad_arguments_name_the_problem():
   model = keras.Sequential([keras.Input((None, None, 3)),
                             keras.layers.Conv2D(2, 3)])
-  with pytest.raises(ValueError, match='static input shapes'):
+  with pytest.raises(ValueError, match='unknown dimension.*input_shapes='):
     kept_bytes(model, 4)
   with pytest.raises(ValueError, match='batch_size'):
     kept_bytes(model, 0)
+  # Shapes given for the unknown dimensions: counted.
+  assert kept_bytes(model, 4, input_shapes=(8, 8, 3))['total'] == \
+      kept_bytes(model, 4, inputs=np.zeros((1, 8, 8, 3), 'float32'))['total']
