@@ -14,13 +14,13 @@ def batch(shape, seed=0, classes=10):
   return x, y
 
 
-def loss_and_grads(model, x, y, function=True):
+def loss_and_grads(model, x, y, function=True, from_logits=True):
   """Outputs and gradients of mean cross-entropy (+ model.losses)."""
   def step(x, y):
     with tf.GradientTape() as tape:
       out = model(x, training=True)
       loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
-          y, out, from_logits=True))
+          y, out, from_logits=from_logits))
       if model.losses:
         loss = loss + tf.add_n(model.losses)
     return out, tape.gradient(loss, model.trainable_variables)
@@ -30,7 +30,7 @@ def loss_and_grads(model, x, y, function=True):
   return out.numpy(), [g.numpy() for g in grads]
 
 
-def compare(model, compressed, x, y, function=True):
+def compare(model, compressed, x, y, function=True, from_logits=True):
   """Runs both from the same weights; returns (outputs, grads, weights
   after) of each."""
   start = [v.numpy() for v in model.weights]
@@ -38,7 +38,7 @@ def compare(model, compressed, x, y, function=True):
   for m in (model, compressed):
     for v, w in zip(model.weights, start):
       v.assign(w)
-    out, grads = loss_and_grads(m, x, y, function)
+    out, grads = loss_and_grads(m, x, y, function, from_logits)
     results.append((out, grads, [v.numpy() for v in model.weights]))
   for v, w in zip(model.weights, start):
     v.assign(w)
@@ -70,6 +70,19 @@ def assert_same_gradients(ref, got):
   """Whole gradient within 1e-5 relative, each variable within 1e-4."""
   assert global_rel_error(ref, got) <= 1e-5
   assert max(rel_errors(ref, got)) <= 1e-4
+
+
+def weighted_cosine(ref, got):
+  """Norm-weighted per-variable cosine: each variable's cosine (float64)
+  weighted by its share of the sum of the reference gradients' norms, so
+  that a near-zero-norm variable does not decide alone."""
+  norms = np.array([np.linalg.norm(np.asarray(a, np.float64)) for a in ref])
+  total = 0.0
+  for a, b, n in zip(ref, got, norms):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    total += n * (float(a @ b) / denom if denom else float(n == 0))
+  return total / norms.sum()
 
 
 def cosines(ref, got):

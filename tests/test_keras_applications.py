@@ -31,24 +31,29 @@ from tests import keras_helpers as kh
 
 
 def _application(name):
+  """The application with its default softmax head."""
   return getattr(tf.keras.applications, name)(
-      weights=None, input_shape=(64, 64, 3), classes=10,
-      classifier_activation=None)
+      weights=None, input_shape=(64, 64, 3), classes=10)
 
 
-def _check(model, x, y, min8, median8):
-  (o0, g0, w0), (o1, g1, _) = kh.compare(model, compress(model, 0), x, y)
+def _check(model, x, y, min8, median8, from_logits=False):
+  args = dict(from_logits=from_logits)
+  (o0, g0, w0), (o1, g1, _) = kh.compare(model, compress(model, 0), x, y,
+                                         **args)
   # Inside one training tf.function Grappler may fuse the plain model's
   # forward ops differently (MobileNetV2: float-rounding differences).
   assert np.max(np.abs(o0 - o1)) <= 1e-5 * np.max(np.abs(o0))
   kh.assert_same_gradients(g0, g1)
-  (_, _, _), (_, g8, _) = kh.compare(model, compress(model, 8), x, y)
-  (_, _, _), (_, g4, _) = kh.compare(model, compress(model, 4), x, y)
+  (_, _, _), (_, g8, _) = kh.compare(model, compress(model, 8), x, y, **args)
+  (_, _, _), (_, g4, _) = kh.compare(model, compress(model, 4), x, y, **args)
   cos8, cos4 = kh.cosines(g0, g8), kh.cosines(g0, g4)
   print(f'{model.name}: bits=0 relative error '
         f'{kh.global_rel_error(g0, g1):.2e}; bits 8 cosine min '
-        f'{min(cos8):.4f} median {np.median(cos8):.4f}; bits 4 cosine min '
-        f'{min(cos4):.4f} median {np.median(cos4):.4f}')
+        f'{min(cos8):.4f} median {np.median(cos8):.4f} norm-weighted '
+        f'{kh.weighted_cosine(g0, g8):.5f}; bits 4 cosine min '
+        f'{min(cos4):.4f} median {np.median(cos4):.4f} norm-weighted '
+        f'{kh.weighted_cosine(g0, g4):.5f}')
+  assert kh.weighted_cosine(g0, g8) >= 0.999
   assert min(cos8) >= min8
   assert np.median(cos8) >= median8
 
@@ -66,4 +71,4 @@ def test_application_gradients(name, min8, median8):
 def test_keras_resnet164_gradients():
   keras.utils.set_random_seed(0)
   x, y = kh.batch([16, 32, 32, 3])
-  _check(models.keras_cifar_resnet(18), x, y, 0.99, 0.999)
+  _check(models.keras_cifar_resnet(18), x, y, 0.99, 0.999, from_logits=True)

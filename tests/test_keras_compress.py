@@ -333,11 +333,12 @@ def test_activation_inside_conv_and_dense_keeps_a_mask():
 
 
 def test_compress_warns_when_little_can_be_compressed():
-  """Random layers keep their ordinary gradient (GaussianNoise here):
-  when they read most of the activations, the first call warns, once."""
+  """Layers that keep their ordinary gradient (batch renormalization
+  here): when they read most of the activations, the first call warns,
+  once."""
   inp = keras.Input((16, 16, 4))
-  h = keras.layers.GaussianNoise(0.1, name='noisy')(inp)
-  h = keras.layers.GaussianNoise(0.1, name='noisier')(h)
+  h = keras.layers.BatchNormalization(renorm=True, name='noisy')(inp)
+  h = keras.layers.BatchNormalization(renorm=True, name='noisier')(h)
   h = keras.layers.GlobalAveragePooling2D()(h)
   model = keras.Model(inp, keras.layers.Dense(2)(h))
   compressed = compress(model, 4)
@@ -347,3 +348,46 @@ def test_compress_warns_when_little_can_be_compressed():
   with warnings.catch_warnings():
     warnings.simplefilter('error')
     compressed(x)  # once only
+
+
+def test_linear_keras_ops_and_adds_of_unknown_shapes_keep_only_shapes():
+  """``x[:, 0]`` and reshapes (Keras ops) are recomputed on zeros, an Add of
+  tensors with an unknown length has an analytic backward (with broadcast
+  sums): nothing of theirs is kept, and bits 0 equals Keras."""
+  inp = keras.Input((None, 8))
+  h = keras.layers.Dense(8)(inp)
+  h = keras.layers.Add()([h, keras.layers.Dense(8)(inp)])
+  first = keras.layers.Dense(8)(h[:, 0])
+  model = keras.Model(inp, keras.ops.reshape(first, (-1, 2, 4))[:, 0])
+  compressed = compress(model, 4)
+  kinds = {r['kind']: r['bytes'] for r in rows(compressed, 2,
+                                                 input_shapes=(5, 8))}
+  assert kinds['add'] == 0 and kinds['linear_op'] == 0
+  x, y = kh.batch([3, 5, 8], classes=4)
+  (_, g0, _), (_, g1, _) = kh.compare(model, compress(model, 0), x, y)
+  kh.assert_same_gradients(g0, g1)
+
+
+def test_random_layers_are_recomputed_with_the_same_draws():
+  """A MultiHeadAttention with attention dropout is recomputed from copies
+  of its inputs; the recompute replays the dropout masks (the seed state
+  is restored), so bits 0 equals Keras, and the seed state ends where
+  Keras leaves it."""
+  inp = keras.Input((6, 8))
+  a = keras.layers.MultiHeadAttention(2, 4, dropout=0.3)(inp, inp)
+  model = keras.Model(inp, keras.layers.GlobalAveragePooling1D()(a))
+  compressed = compress(model, 0)
+  assert [s.kind for s in compressed.plan if s.layer.name.startswith(
+      'multi_head')] == ['generic']
+  x, y = kh.batch([3, 6, 8], classes=8)
+  start = [v.numpy() for v in model.variables]
+  results = []
+  for m in (model, compressed):
+    for v, value in zip(model.variables, start):
+      v.assign(value)
+    results.append(kh.loss_and_grads(m, x, y))
+    results[-1] += ([v.numpy() for v in model.variables
+                     if 'seed' in v.name],)
+  kh.assert_same_gradients(results[0][1], results[1][1])
+  for a, b in zip(results[0][2], results[1][2]):
+    np.testing.assert_array_equal(a, b)

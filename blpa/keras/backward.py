@@ -219,6 +219,13 @@ def cropping2d(layer, dy):
   return tf.pad(dy, [[0, 0], [top, bottom], [left, right], [0, 0]])
 
 
+def unbroadcast(dy, shape):
+  """The gradient of an input of shape ``shape`` broadcast to ``dy``'s
+  shape (by an add): ``dy`` summed over the broadcast axes."""
+  axes, _ = tf.raw_ops.BroadcastGradientArgs(s0=shape, s1=tf.shape(dy))
+  return tf.reshape(tf.reduce_sum(dy, axes), shape)
+
+
 def concatenate(axis, sizes, dy):
   """Concatenate: ``dy`` split along the axis into the inputs' sizes."""
   return tf.split(dy, sizes, axis=axis)

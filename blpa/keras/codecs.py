@@ -92,6 +92,24 @@ class MinMax:
     return x
 
 
+class Zeros:
+  """Keeps only a tensor's shape and dtype; restores zeros (the input of an
+  op whose gradient does not depend on its input's values)."""
+
+  bits = 0
+
+  def __init__(self, x):
+    self.shape, self.dtype, self.static_shape = tf.shape(x), x.dtype, x.shape
+
+  def restore(self):
+    x = tf.zeros(self.shape, self.dtype)
+    x.set_shape(self.static_shape)
+    return x
+
+  def tensors(self):
+    return []
+
+
 class Padded:
   """The copy of a ZeroPadding2D output: its input's copy, padded again on
   restore (the zeros cost nothing, and a BN+ReLU's codes serve the padded

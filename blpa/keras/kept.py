@@ -151,6 +151,9 @@ def _kept_tensors(backward_ops):
         continue
       if t.dtype == tf.resource or t.dtype == tf.variant:
         continue
+      if t.dtype.is_integer and t.shape.rank is not None and \
+          t.shape.rank <= 1 and not t.shape.is_fully_defined():
+        continue  # shape metadata (BroadcastGradientArgs...), a few ints
       kept[t.ref()] = t
   return list(kept.values())
 

@@ -252,5 +252,6 @@ class Interceptor:
           return original(*a, **k)
 
       return wrappers.run_generic(recompute, tensors, kept,
-                                  list(layer.trainable_variables))
+                                  list(layer.trainable_variables),
+                                  wrappers.seed_states(layer))
     return original(*args, **kwargs)

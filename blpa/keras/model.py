@@ -115,17 +115,23 @@ def _run_step(step, run, training, plan):
     return [wrappers.run_shape_op(kind, op, xs, codec)]
   if kind == 'model':
     return _run_nested(step, run, training, plan)
-  if kind == 'generic':
-    return tree.flatten(_run_generic(node, run, training))
+  if kind in ('generic', 'linear_op'):
+    return tree.flatten(_run_generic(node, run, training,
+                                     zeros=kind == 'linear_op'))
   args, kwargs = _filled(node, run.values, training)
   return tree.flatten(op(*args, **kwargs))
 
 
-def _run_generic(node, run, training):
+def _run_generic(node, run, training, zeros=False):
+  """A node recomputed in backward: from copies of its inputs, or, for an
+  op linear in them (``zeros``), from zeros of their shapes."""
   # A tensor passed to several arguments is one input (its gradient is the
   # sum over its uses, which the recompute's tape takes).
   kts = list({id(t): t for t in node.input_tensors}.values())
-  kept = [run.copy_of(t) for t in kts]
+  if zeros:
+    kept = [codecs.Zeros(run.values[id(t)]) for t in kts]
+  else:
+    kept = [run.copy_of(t) for t in kts]
   op = node.operation
   trainable = list(getattr(op, 'trainable_variables', []))
 
@@ -137,7 +143,8 @@ def _run_generic(node, run, training):
     return op(*args, **kwargs)
 
   xs = [run.values[id(t)] for t in kts]
-  return wrappers.run_generic(call, xs, kept, trainable)
+  return wrappers.run_generic(call, xs, kept, trainable,
+                              wrappers.seed_states(op))
 
 
 def _run_nested(step, run, training, plan):

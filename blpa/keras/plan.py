@@ -28,6 +28,14 @@ LINEAR_KINDS = ('conv2d', 'depthwise', 'separable', 'dense', 'conv1d',
                 'conv3d', 'conv2d_transpose')
 #: Max pools: argmax from the restored input, or from a 1-bit mask.
 MAX_POOL_KINDS = ('maxpool', 'maxpool_mask', 'maxpool1d')
+#: Keras ops (``keras.ops``, not layers) that are linear in their float
+#: inputs: their gradient needs only shapes, so the generic recompute runs
+#: them on zeros (step ``'linear_op'``).
+LINEAR_OPS = frozenset([
+    'GetItem', 'Reshape', 'Transpose', 'ExpandDims', 'Squeeze', 'Add',
+    'Subtract', 'Concatenate', 'Stack', 'Tile', 'Negative', 'Slice', 'Split',
+    'Flatten', 'MoveAxis', 'Swapaxes', 'Repeat', 'BroadcastTo', 'Take',
+    'TakeAlongAxis', 'Pad', 'Roll', 'Sum', 'Mean'])
 #: Pools whose backward reads a copy of their input.
 COPY_POOL_KINDS = ('maxpool', 'maxpool1d')
 
@@ -195,11 +203,6 @@ def _bn_reason(op, node):
   return ''
 
 
-def _same_shapes(node):
-  shapes = [tuple(t.shape[1:]) for t in node.input_tensors]
-  return all(s == shapes[0] and None not in s for s in shapes)
-
-
 def _concat_ok(op, node):
   axis = op.axis
   return all(t.shape[axis] is not None for t in node.input_tensors)
@@ -228,7 +231,7 @@ def _fixed_kind(op, node):
        lambda: not backward.supports_avg_pool1d(op)),
       (L.MaxPooling1D, 'maxpool1d',
        lambda: not backward.supports_max_pool1d(op)),
-      (L.Add, 'add', lambda: _same_shapes(node)),
+      (L.Add, 'add', lambda: True),
       (L.Concatenate, 'concat', lambda: _concat_ok(op, node)),
       (L.ZeroPadding2D, 'zeropad', lambda: channels_last),
       (L.Cropping2D, 'crop', lambda: channels_last),
@@ -267,9 +270,17 @@ def _generic_reason(op, node):
   if isinstance(op, keras.layers.Layer):
     if op.non_trainable_weights:
       return 'has non-trainable state (recomputing could update it twice)'
-    if hasattr(op, 'seed_generator'):
-      return 'random (a recompute would draw other numbers)'
+    if _draws_unseeded(op):
+      return 'random without a Keras SeedGenerator (not replayable)'
   return ''
+
+
+def _draws_unseeded(op):
+  """Whether a Keras layer draws random numbers that a recompute cannot
+  replay (its own ``seed_generator`` attribute without a tracked
+  SeedGenerator; Keras's layers track theirs)."""
+  return hasattr(op, 'seed_generator') and not getattr(
+      op, '_seed_generators', None)
 
 
 def sublayers(layer):
@@ -328,6 +339,9 @@ def step_of(op, node):
     kind = _fixed_kind(op, node)
     if kind:
       return Step(kind, node)
+    if not isinstance(op, keras.layers.Layer) and \
+        type(op).__name__ in LINEAR_OPS:
+      return Step('linear_op', node)
     reason = f'{type(op).__name__} has no analytic backward here'
   why_not = _generic_reason(op, node)
   if why_not:

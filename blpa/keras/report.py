@@ -38,6 +38,7 @@ _WHAT = {
     'model': 'nested model (its layers are listed)',
     'act_done': 'run with the BatchNormalization before it',
     'generic': 'generic: recomputed from copies of its inputs',
+    'linear_op': 'shapes only (a linear op, recomputed on zeros)',
     'ordinary': "Keras's own gradient (keeps what Keras keeps)",
 }
 

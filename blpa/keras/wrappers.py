@@ -443,6 +443,8 @@ def run_shape_op(kind, layer, xs, codec=None, call=None):
     if codec is not None:
       out = codecs.after(out, codec.tensors())
     shapes = [tf.shape(x) for x in xs]
+    if kind == 'add' and not _same_static_shapes(xs + [out]):
+      shapes = [('broadcast', shape) for shape in shapes]
     sizes = [x.shape[layer.axis] for x in xs] if kind == 'concat' else None
 
     def grad(douts):
@@ -453,11 +455,18 @@ def run_shape_op(kind, layer, xs, codec=None, call=None):
   return custom_op(forward, xs)
 
 
+def _same_static_shapes(tensors):
+  """Whether tensors have one fully known static shape."""
+  first = tensors[0].shape
+  return first.is_fully_defined() and all(t.shape == first for t in tensors)
+
+
 def _shape_grad(kind, layer, shapes, sizes, codec, douts):
   """Input gradients (a list) of a shape-only layer."""
   dout = douts[0]
   if kind == 'add':
-    return [dout] * len(shapes)
+    return [backward.unbroadcast(dout, shape[1]) if isinstance(shape, tuple)
+            else dout for shape in shapes]
   if kind == 'concat':
     return backward.concatenate(layer.axis, sizes, dout)
   return [_single_shape_grad(kind, layer, shapes, codec, douts)]
@@ -492,33 +501,61 @@ def _single_shape_grad(kind, layer, shapes, codec, douts):
 # Any other layer: recompute from compact copies of its inputs.
 
 
-def run_generic(call, xs, kept, trainable):
+def seed_states(layer):
+  """The state variables of the Keras ``SeedGenerator``s a layer (and its
+  sublayers) draws random numbers from."""
+  found = []
+  if not hasattr(layer, '_flatten_layers'):  # a Keras op, not a layer
+    return found
+  for sub in layer._flatten_layers(include_self=True, recursive=True):  # pylint: disable=protected-access
+    found.extend(sg.state for sg in getattr(sub, '_seed_generators', []))
+  return found
+
+
+def run_generic(call, xs, kept, trainable, seeds=()):
   """A node recomputed, in backward, from compact copies of its inputs.
+
+  A random layer's draws are replayed: the state of its seed generators is
+  read before the forward pass, set back for the recompute (which so draws
+  the same numbers, as PyTorch's checkpointing restores its RNG state) and
+  then set to what the forward pass left, so that the recompute does not
+  advance it a second time.
 
   Args:
     call: ``call(list_of_input_tensors) -> outputs`` running the node.
     xs: the node's float input tensors.
     kept: their codecs (same order).
     trainable: the Keras variables the node trains.
+    seeds: the Keras seed-generator state variables the node draws from
+      (:func:`seed_states`).
 
   Returns:
     The node's outputs (same structure as ``call``'s).
   """
   weights = trainable_of(trainable)
+  seeds = [raw_variable(v) for v in seeds]
 
   def forward(xs):
+    before = [tf.identity(v.read_value()) for v in seeds]
     outs = codecs.after(call(xs), [t for c in kept for t in c.tensors()])
+    after = [tf.identity(v.read_value()) for v in seeds]
     specs = [(tf.shape(x), x.dtype) for x in xs]
 
     def grad(douts):
       restored = _after(douts, lambda: [
           tf.cast(c.restore(), x.dtype) for c, x in zip(kept, xs)])
       values = [raw_variable(v) for v in weights]
+      with tf.control_dependencies(restored):
+        for v, state in zip(seeds, before):
+          v.assign(state)
       with tf.GradientTape() as tape:
         tape.watch(restored)
         outs_again = call(restored)
         again = tf.nest.flatten(outs_again)
         again += [t for t in logits_of(outs_again) if t is not None]
+      with tf.control_dependencies(again):
+        for v, state in zip(seeds, after):
+          v.assign(state)
       douts = [tf.zeros_like(a) if d is None else tf.cast(d, a.dtype)
                for a, d in zip(again, douts)]
       grads = tape.gradient(again, restored + values, output_gradients=douts)
