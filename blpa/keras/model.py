@@ -261,8 +261,8 @@ class CompressedModel(keras.Model):
     return self.source.compute_output_spec(inputs, training=training)
 
   def build(self, input_shape):
-    if not self.source.built:
-      self.source.build(input_shape)
+    # An unbuilt source builds itself on its first call, as Keras does.
+    del input_shape
     self.built = True
 
   def get_config(self):
@@ -328,7 +328,10 @@ def compress(model, bits=4, verbose=False, name=None):
                                  **kwargs)
   if verbose:
     from blpa.keras.report import report  # pylint: disable=import-outside-toplevel
-    print(report(compressed, 1))
+    try:
+      print(report(compressed, 1))
+    except ValueError as err:  # input shapes the model does not know
+      print(f'blpa.keras.compress: no report ({err})')
   return compressed
 
 
