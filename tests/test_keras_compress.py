@@ -391,3 +391,22 @@ def test_random_layers_are_recomputed_with_the_same_draws():
   kh.assert_same_gradients(results[0][1], results[1][1])
   for a, b in zip(results[0][2], results[1][2]):
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('pool,strides,padding,size', [
+    (3, 2, 'same', 9), (3, 1, 'same', 8), (2, 1, 'valid', 7),
+    ((3, 2), (2, 1), 'same', 10)])
+def test_overlapping_max_pool_keeps_exact_argmax_offsets(pool, strides,
+                                                         padding, size):
+  """Overlapping windows keep each window's argmax offset (a byte per
+  output): the same gradient as Keras, at any bits (after a ReLU, so that
+  ties at zero are common)."""
+  inp = keras.Input((size, size, 3))
+  h = keras.layers.ReLU()(keras.layers.Conv2D(4, 3, padding='same')(inp))
+  h = keras.layers.MaxPooling2D(pool, strides, padding)(h)
+  model = keras.Model(inp, keras.layers.Dense(5)(keras.layers.Flatten()(h)))
+  compressed = compress(model, 0)
+  assert 'maxpool_offsets' in [s.kind for s in compressed.plan]
+  x, y = kh.batch([3, size, size, 3], classes=5)
+  (_, g0, _), (_, g1, _) = kh.compare(model, compressed, x, y)
+  assert kh.global_rel_error(g0, g1) == 0.0

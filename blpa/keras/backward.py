@@ -156,6 +156,74 @@ def max_pool2d(layer, x, dy):
   return tf.raw_ops.MaxPoolGrad(orig_input=x, orig_output=y, grad=dy, **args)
 
 
+def _pool_origins(layer, in_size, out_size, axis):
+  """Input index of each output window's first row (``axis`` 0) or column
+  (1) of a channels_last 2-D pool: ``o * stride - pad_before``."""
+  k, stride = layer.pool_size[axis], layer.strides[axis]
+  origin = tf.range(out_size) * stride
+  if layer.padding == 'same':
+    origin -= tf.maximum((out_size - 1) * stride + k - in_size, 0) // 2
+  return origin
+
+
+def max_pool_offsets(layer, x):
+  """Where each window of a MaxPooling2D has its maximum, as TF's
+  ``MaxPoolGrad`` chooses it (the first, row-major): the offset in the
+  window, one byte per output value.
+
+  Args:
+    layer: the ``keras.layers.MaxPooling2D`` (channels_last, windows of at
+      most 255 positions).
+    x: its input (as the layer computes it).
+
+  Returns:
+    uint8 ``[N, Ho, Wo, C]``.
+  """
+  _, argmax = tf.nn.max_pool_with_argmax(
+      x, layer.pool_size, layer.strides, layer.padding.upper(),
+      include_batch_in_index=False)
+  shape = tf.shape(x, out_type=tf.int64)
+  width, channels = shape[2], shape[3]
+  out = tf.shape(argmax, out_type=tf.int64)
+  rows = argmax // (width * channels)
+  cols = argmax // channels % width
+  top = tf.cast(_pool_origins(layer, shape[1], out[1], 0), tf.int64)
+  left = tf.cast(_pool_origins(layer, width, out[2], 1), tf.int64)
+  offsets = (rows - top[None, :, None, None]) * layer.pool_size[1] + (
+      cols - left[None, None, :, None])
+  return tf.cast(offsets, tf.uint8)
+
+
+def max_pool_from_offsets(layer, x_shape, offsets, dy):
+  """MaxPooling2D's input gradient from :func:`max_pool_offsets`: each
+  output's gradient added at its window's maximum.
+
+  Args:
+    layer: the ``keras.layers.MaxPooling2D``.
+    x_shape: int32 shape of the input.
+    offsets: uint8 ``[N, Ho, Wo, C]``.
+    dy: gradient of the output.
+
+  Returns:
+    ``dx``.
+  """
+  shape = tf.cast(x_shape, tf.int64)
+  n, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+  out = tf.shape(dy, out_type=tf.int64)
+  off = tf.cast(offsets, tf.int64)
+  top = tf.cast(_pool_origins(layer, height, out[1], 0), tf.int64)
+  left = tf.cast(_pool_origins(layer, width, out[2], 1), tf.int64)
+  rows = top[None, :, None, None] + off // layer.pool_size[1]
+  cols = left[None, None, :, None] + off % layer.pool_size[1]
+  batch = tf.range(n)[:, None, None, None]
+  channel = tf.range(channels)[None, None, None, :]
+  flat = ((batch * height + rows) * width + cols) * channels + channel
+  dx = tf.math.unsorted_segment_sum(tf.reshape(dy, [-1]),
+                                    tf.reshape(flat, [-1]),
+                                    n * height * width * channels)
+  return tf.reshape(dx, x_shape)
+
+
 def first_max_mask(x, out, ph, pw):
   """Where TF's ``MaxPoolGrad`` sends the gradient of a max pool with
   non-overlapping ``ph x pw`` windows: in each window, the first position

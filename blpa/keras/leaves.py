@@ -232,6 +232,8 @@ class Interceptor:
       return wrappers.run_max_pool_mask(layer, x, call=original)
     if kind == 'gmp':
       return wrappers.run_global_max_pool(layer, x, call=original)
+    if kind == 'maxpool_offsets':
+      return wrappers.run_max_pool_offsets(layer, x, call=original)
     if kind in plan_lib.SHAPE_KINDS or kind in plan_lib.COPY_POOL_KINDS:
       codec = registry.copy_of(x) if kind in plan_lib.COPY_POOL_KINDS \
           else None

@@ -109,6 +109,8 @@ def _run_step(step, run, training, plan):
     return [wrappers.run_max_pool_mask(op, xs[0])]
   if kind == 'gmp':
     return [wrappers.run_global_max_pool(op, xs[0])]
+  if kind == 'maxpool_offsets':
+    return [wrappers.run_max_pool_offsets(op, xs[0])]
   if kind in plan_lib.SHAPE_KINDS or kind in plan_lib.COPY_POOL_KINDS:
     codec = run.copy_of(node.input_tensors[0]) if \
         kind in plan_lib.COPY_POOL_KINDS else None

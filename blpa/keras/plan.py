@@ -27,7 +27,7 @@ SHAPE_KINDS = ('add', 'concat', 'zeropad', 'crop', 'reshape', 'gap',
 LINEAR_KINDS = ('conv2d', 'depthwise', 'separable', 'dense', 'conv1d',
                 'conv3d', 'conv2d_transpose')
 #: Max pools: argmax from the restored input, or from a 1-bit mask.
-MAX_POOL_KINDS = ('maxpool', 'maxpool_mask', 'maxpool1d')
+MAX_POOL_KINDS = ('maxpool', 'maxpool_mask', 'maxpool_offsets', 'maxpool1d')
 #: Keras ops (``keras.ops``, not layers) that are linear in their float
 #: inputs: their gradient needs only shapes, so the generic recompute runs
 #: them on zeros (step ``'linear_op'``).
@@ -251,12 +251,16 @@ def _fixed_kind(op, node):
 
 def _max_pool_kind(op):
   """``'avgpool'`` for a 1x1 max pool (the same backward), ``'maxpool_mask'``
-  for non-overlapping windows (a 1-bit argmax mask), else ``'maxpool'``
-  (argmax recomputed from the restored input)."""
+  for non-overlapping windows (a 1-bit argmax mask), else
+  ``'maxpool_offsets'`` (each window's argmax offset, a byte per output;
+  ``'maxpool'``, the argmax recomputed from the restored input, for windows
+  of over 255 positions)."""
   if tuple(op.pool_size) == (1, 1):
     return 'avgpool'
   if tuple(op.pool_size) == tuple(op.strides) and op.padding == 'valid':
     return 'maxpool_mask'
+  if op.pool_size[0] * op.pool_size[1] <= 255:
+    return 'maxpool_offsets'
   return 'maxpool'
 
 

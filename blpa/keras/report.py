@@ -8,6 +8,8 @@ coverage: what plain Keras keeps for backward (:func:`kept_bytes` of the
 original) against what the compressed model keeps.
 """
 
+import math
+
 import tensorflow as tf
 
 from blpa.keras import codecs, kept as kept_lib, plan as plan_lib
@@ -27,6 +29,7 @@ _WHAT = {
     'dense': 'analytic Dense backward',
     'maxpool': 'MaxPoolGrad on the restored input',
     'maxpool_mask': 'argmax mask (1 bit per input value)',
+    'maxpool_offsets': 'argmax offset in its window (1 byte per output)',
     'maxpool1d': 'MaxPoolGrad on the restored input',
     'gmp': 'maximum mask (1 bit per input value)',
     'descend': 'custom layer: its sublayers get wrappers',
@@ -128,6 +131,9 @@ def _plan_rows(compressed, batch_size, shapes):
     elif step.kind in ('relu', 'dropout', 'maxpool_mask', 'gmp'):
       shape = _shape(step.node.input_tensors[0], batch_size, shapes)
       size = codecs.mask_bytes(shape) * shape[0]
+    elif step.kind == 'maxpool_offsets':
+      shape = _shape(step.node.outputs[0], batch_size, shapes)
+      size = math.prod(shape)
     for kt in _copy_needs(step):
       kt = links.get(id(kt), kt)
       inner = links.get(id(plan_lib.unpadded(kt)), plan_lib.unpadded(kt))
@@ -174,6 +180,8 @@ def _leaf_rows(bits, record):
     keeps = _WHAT.get(step.kind, 'shapes only')
     if step.kind in ('relu', 'dropout', 'maxpool_mask', 'gmp'):
       size += codecs.mask_bytes(shape) * shape[0]
+    elif step.kind == 'maxpool_offsets':
+      size += math.prod(layer.compute_output_shape(shape))
     elif step.kind == 'bn_act':
       itemsize = row['inputs'][0].dtype.size
       size += codecs.copy_bytes(shape, bits, itemsize) * shape[0]

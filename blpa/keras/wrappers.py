@@ -390,6 +390,29 @@ def run_max_pool_mask(layer, x, call=None):
   return custom_op(forward, [x])
 
 
+def run_max_pool_offsets(layer, x, call=None):
+  """MaxPooling2D with overlapping windows: keeps, per output value, the
+  offset of its window's maximum (one byte, exact at any bits: the argmax
+  is never taken from an approximate input)."""
+  call = call or layer
+
+  def forward(xs):
+    out = call(xs[0])
+    x = autocast_input(layer, xs[0])
+    x_shape = tf.shape(x)
+    offsets = backward.max_pool_offsets(layer, x)
+    out = codecs.after(out, [offsets])
+
+    def grad(douts):
+      dout = douts[0]
+      return [_after(douts, lambda: backward.max_pool_from_offsets(
+          layer, x_shape, offsets, dout))], []
+
+    return out, grad
+
+  return custom_op(forward, [x])
+
+
 def run_global_max_pool(layer, x, call=None):
   """GlobalMaxPooling1D/2D: keeps a 1-bit mask of the positions equal to
   their (sample, channel) maximum; ties share the gradient equally, as
