@@ -55,6 +55,29 @@ def drop_logits(outputs):
         pass
 
 
+def _distinct_from(outputs, xs):
+  """``outputs`` with each output (or logits it carries) that is one of
+  ``xs`` replaced by an identity: an operation recorded on the tape must not
+  output a tensor that is already on it (``Activation('linear')``, or a
+  softmax whose logits are its input)."""
+  seen = {id(x) for x in xs}
+
+  def fresh(t):
+    if id(t) in seen:
+      out = tf.identity(t)
+      logits = getattr(t, LOGITS_ATTR, None)
+      if logits is not None:
+        setattr(out, LOGITS_ATTR, logits)
+      t = out
+    seen.add(id(t))
+    logits = getattr(t, LOGITS_ATTR, None)
+    if logits is not None and id(logits) in seen:
+      setattr(t, LOGITS_ATTR, tf.identity(logits))
+    return t
+
+  return tf.nest.map_structure(fresh, outputs)
+
+
 def _cast_like(grads, refs):
   """Each gradient cast to its reference's dtype (None stays None)."""
   out = []
@@ -87,6 +110,7 @@ def custom_op(forward, xs, variables=(), logits=False):
   xs = list(xs)
   with record.stop_recording():
     outputs, backward = forward(xs)
+    outputs = _distinct_from(outputs, xs)
   flat = tf.nest.flatten(outputs)
   if logits:
     flat = flat + [t for t in logits_of(outputs) if t is not None]

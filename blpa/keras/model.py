@@ -215,8 +215,13 @@ class CompressedModel(keras.Model):
   """
 
   def __init__(self, source, bits, plan, original=None, **kwargs):
+    # The original's dtype policy, whatever the global one is now; inputs
+    # reach the original as given (it casts them as it does alone).
+    kwargs.setdefault('dtype', (original or source).dtype_policy)
     super().__init__(name=kwargs.pop('name', f'{source.name}_blpa{bits}'),
                      **kwargs)
+    self._convert_input_args = False
+    self._allow_non_tensor_positional_args = True
     self.source = source
     self.bits = bits
     self._blpa_plan = plan
