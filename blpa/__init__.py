@@ -15,8 +15,8 @@ Public names::
     from blpa import fixedpoint                          # fixed-point layers
 """
 
+from blpa._version import __version__
 from blpa.graph import Graph
 from blpa.layers import LogLoss, NLDef, SimpleData
 
-__version__ = '0.1.0'
 __all__ = ['Graph', 'NLDef', 'SimpleData', 'LogLoss']

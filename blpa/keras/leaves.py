@@ -118,6 +118,21 @@ def _filled(template, values):
       lambda v: values[v.index] if isinstance(v, _Slot) else v, template)
 
 
+def paths_of(roots):
+  """``id(layer) -> 'root/.../layer'`` for the layers reached from
+  ``roots`` as :func:`leaves_of` reaches them (names for the report)."""
+  paths, stack = {}, [(root, root.name) for root in roots]
+  while stack:
+    layer, path = stack.pop()
+    for sub in plan_lib.sublayers(layer):
+      if id(sub) in paths:
+        continue
+      paths[id(sub)] = f'{path}/{sub.name}'
+      if not plan_lib.descend_reason(sub):
+        stack.append((sub, paths[id(sub)]))
+  return paths
+
+
 def leaves_of(roots, skip=()):
   """The layers reached from ``roots`` through models and custom layers
   (:func:`blpa.keras.plan.descend_reason`), each once, without those in

@@ -12,7 +12,8 @@ import math
 
 import tensorflow as tf
 
-from blpa.keras import codecs, kept as kept_lib, plan as plan_lib
+from blpa.keras import codecs, kept as kept_lib, leaves as leaves_lib, \
+    plan as plan_lib
 
 EAGER_NOTE = (
     'Eager mode (run_eagerly=True, or a GradientTape loop without '
@@ -101,8 +102,12 @@ def rows(compressed, batch_size, inputs=None, input_shapes=None):
   sample = kept_lib.sample_inputs(compressed, batch_size, inputs,
                                   input_shapes)
   record, shapes = _trace(compressed, sample)
+  if compressed.plan is None:
+    roots = [compressed.source]
+  else:
+    roots = [s.layer for s in compressed.plan if s.kind == 'descend']
   return _plan_rows(compressed, batch_size, shapes) + _leaf_rows(
-      compressed.bits, record)
+      compressed.bits, record, leaves_lib.paths_of(roots))
 
 
 def _plan_rows(compressed, batch_size, shapes):
@@ -170,8 +175,9 @@ def _codec_bytes(shape, codec):
   return 0
 
 
-def _leaf_rows(bits, record):
-  """Rows of the leaf-layer calls seen while tracing."""
+def _leaf_rows(bits, record, paths):
+  """Rows of the leaf-layer calls seen while tracing (``paths``: the names
+  of :func:`blpa.keras.leaves.paths_of`)."""
   out = []
   for row in record:
     step, layer = row['step'], row['layer']
@@ -189,7 +195,7 @@ def _leaf_rows(bits, record):
                'reuses them)' if bits else 'exact copy of the BN input')
     if row['copies']:
       keeps += '; copy of its input'
-    out.append(dict(layer=getattr(layer, 'path', None) or layer.name,
+    out.append(dict(layer=paths.get(id(layer)) or layer.name,
                     kind=step.kind, keeps=keeps, bytes=int(size),
                     reason=step.reason))
   return out
