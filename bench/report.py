@@ -186,6 +186,27 @@ BREAKDOWN_LABELS = (
 )
 
 
+def _breakdown(run):
+  """A memory run's breakdown by :data:`BREAKDOWN_LABELS`, "unexplained"
+  taken as the measured peak minus the other rows, so that the rows always
+  add up to the peak (a breakdown stored by an older ``blpa.memory`` may
+  hold kinds no longer listed)."""
+  parts = dict(run['breakdown'])
+  explained = sum(parts.get(name, 0) for name, _ in BREAKDOWN_LABELS
+                  if name != 'unexplained')
+  parts['unexplained'] = run['peak_bytes'] - explained
+  return {name: parts.get(name, 0) for name, _ in BREAKDOWN_LABELS}
+
+
+def _timed_steps(results):
+  """``(steps, warmup)`` of the timing section as run (the configuration's
+  when its results do not say)."""
+  cfg, timing = results['config'], results.get('timing') or {}
+  times = (timing.get('step_times') or {}).get(common.BASELINE)
+  return (len(times) if times else cfg['time_steps'],
+          timing.get('warmup', cfg['time_warmup']))
+
+
 def _breakdown_table(results):
   """What blpa holds at its peak (headline configuration), by kind."""
   rblocks, batch = _headline(results)
@@ -195,7 +216,7 @@ def _breakdown_table(results):
   keys = [k for k in ('blpa_q4', 'blpa_q8', 'blpa_q0') if k in runs]
   if not keys:
     return ''
-  rows = [[label] + [f'{_mib(runs[k]["breakdown"][name]):.1f}' for k in keys]
+  rows = [[label] + [f'{_mib(_breakdown(runs[k])[name]):.1f}' for k in keys]
           for name, label in BREAKDOWN_LABELS]
   rows.append(['**measured peak**'] +
               [f'**{_mib(runs[k]["peak_bytes"]):.1f}**' for k in keys])
@@ -313,8 +334,8 @@ def markdown(results):
       'Peak: BFC allocator peak of a training step, each configuration in '
       'its own process with one inter-op thread (weights, momentum, stored '
       'activations and temporaries). Time: median of '
-      f'{cfg["time_steps"]} interleaved steps after {cfg["time_warmup"]} '
-      'warm-up steps, default threading. Max batch: largest batch measured '
+      f'{_timed_steps(results)[0]} interleaved steps after '
+      f'{_timed_steps(results)[1]} warm-up steps, default threading. Max batch: largest batch measured '
       'under the cap (extrapolated from the batch sweep, then verified).', '',
       _headline_table(results), '',
       f'Ratios against `{common.BASELINE}` '

@@ -1,9 +1,10 @@
 """Layer specs of width-2 residual chains, and each layer's exact math.
 
-A network is a data layer, a chain of layers and a loss layer (see
-``DESIGN.md``).  Each layer applies, in order: res_in (add the residual
-buffer), BN, bias, ReLU / max pool, res_out (copy into the residual buffer),
-global average pool, convolution.  This module holds
+A network is a data layer, a chain of layers and a loss layer
+(``docs/algorithm.md`` states each layer's forward and backward pass).  Each
+layer applies, in order: res_in (add the residual buffer), BN, bias, ReLU /
+max pool, res_out (copy into the residual buffer), global average pool,
+convolution.  This module holds
 
 * the user-facing spec types :class:`NLDef`, :class:`SimpleData` and
   :class:`LogLoss`;

@@ -19,12 +19,17 @@ What it does, in order, for iterations ``start … stop-1``:
   second Ctrl-C aborts at once (the checkpoint on disk stays intact, since
   writes are atomic);
 * **NaN/inf loss**: print the iteration and learning rate and exit with
-  status 3 without saving.
+  status 3 without saving;
+* **skipped update** (a finite loss whose gradient, or a learning rate,
+  is not finite: the graph keeps weights and momentum and ``backward``
+  returns ``False``): log the iteration, count it, go on; the training
+  record of that window has ``skipped`` (updates skipped in it), and the
+  run ends with a line saying how many of its updates were skipped.
 
 Progress goes to a bar (tqdm when installed and stderr is a terminal) or to
 plain lines, to a JSONL log beside the checkpoint (``run.npz`` →
-``run.jsonl``; one object per line: ``iter, loss, acc, lr, ips`` for
-training windows, ``iter, val_loss, val_acc, val_loss_running,
+``run.jsonl``; one object per line: ``iter, loss, acc, lr, ips`` (and
+``skipped`` when updates were skipped) for training windows, ``iter, val_loss, val_acc, val_loss_running,
 val_acc_running`` for validations) and, with ``logdir``, to TensorBoard.
 """
 
@@ -149,6 +154,17 @@ def build_graph(specs, shape, qtype, weight_decay, split=1, ngpu=1, seed=0):
   return net
 
 
+class StepResult(tuple):
+  """``(acc, loss)`` of a training step, with ``applied``: whether the
+  update was made (``False`` when the graph skipped it: a non-finite loss,
+  gradient or learning rate)."""
+
+  def __new__(cls, acc, loss, applied):
+    result = super().__new__(cls, (acc, loss))
+    result.applied = applied
+    return result
+
+
 def train_step(net, x, y, lr, split=1):
   """One update on a batch, split into ``split`` interleaved sub-batches.
 
@@ -160,14 +176,16 @@ def train_step(net, x, y, lr, split=1):
     split: sub-batches (``x[s::split]``, as in the reference).
 
   Returns:
-    ``(acc, loss)`` averaged over sub-batches; the update is skipped when
-    the loss is not finite.
+    A :class:`StepResult`: ``(acc, loss)`` averaged over sub-batches, and
+    ``.applied``, False when the update was skipped (not attempted when the
+    loss is not finite; skipped by the graph when ``backward``/``cback``
+    returns ``False``, e.g. for a non-finite gradient).
   """
   if split <= 1:
     acc, loss = net.forward(x, y)
-    if math.isfinite(loss):
-      net.backward(lr)
-    return acc, loss
+    if not math.isfinite(loss):
+      return StepResult(acc, loss, False)
+    return StepResult(acc, loss, net.backward(lr) is not False)
   net.binit()
   accs, losses = [], []
   for s in range(split):
@@ -175,10 +193,10 @@ def train_step(net, x, y, lr, split=1):
     accs.append(acc)
     losses.append(loss)
     if not math.isfinite(loss):
-      return acc, loss
+      return StepResult(acc, loss, False)
     net.hback()
-  net.cback(lr)
-  return float(np.mean(accs)), float(np.mean(losses))
+  applied = net.cback(lr) is not False
+  return StepResult(float(np.mean(accs)), float(np.mean(losses)), applied)
 
 
 def evaluate(net, batches, stop=None):
@@ -375,21 +393,26 @@ class Window:
   def reset(self):
     """Starts a new window."""
     self.loss = self.acc = 0.0
-    self.steps = self.images = 0
+    self.steps = self.images = self.skipped = 0
     self.since = time.time()
 
-  def add(self, loss, acc, images):
-    """Adds one iteration."""
+  def add(self, loss, acc, images, applied=True):
+    """Adds one iteration (``applied``: whether its update was made)."""
     self.loss += loss
     self.acc += acc
     self.steps += 1
     self.images += images
+    self.skipped += not applied
 
   def record(self, lr):
-    """The window's averages as a log record."""
+    """The window's averages as a log record (``skipped``: updates skipped
+    in the window, present when there were any)."""
     elapsed = max(time.time() - self.since, 1e-9)
-    return dict(loss=self.loss / self.steps, acc=self.acc / self.steps, lr=lr,
-                ips=self.images / elapsed)
+    record = dict(loss=self.loss / self.steps, acc=self.acc / self.steps,
+                  lr=lr, ips=self.images / elapsed)
+    if self.skipped:
+      record['skipped'] = self.skipped
+    return record
 
 
 # ----------------------------------------------------------------------------
@@ -461,6 +484,7 @@ class _Loop:
     self.pending = opts.save + '.pending.npz'
     self.log = RunLog(log_path(opts.save), start, opts.logdir)
     self.saved_at = start if os.path.exists(opts.save) else None
+    self.skipped = 0  # updates the graph skipped (non-finite gradient)
     if os.path.exists(self.pending):  # left by a run killed mid-iteration
       os.remove(self.pending)
 
@@ -501,14 +525,20 @@ class _Loop:
     if x is None:
       log(f'[{it:09d}] no readable image in this batch: iteration skipped')
       return None
-    acc, loss = train_step(self.net, x, y, lr, self.opts.split)
+    result = train_step(self.net, x, y, lr, self.opts.split)
+    acc, loss = result
     if not math.isfinite(loss):
       return self.diverged(it, loss)
+    if not result.applied:
+      self.skipped += 1
+      log(f'[{it:09d}] warning: update skipped (loss {loss:.4f} finite, but '
+          f'a gradient or the learning rate {lr:g} is not): weights and '
+          f'momentum kept; {self.skipped} skipped in this run')
     if os.path.exists(self.pending):
       os.replace(self.pending, self.opts.save)
       self.saved_at = it
       log(f'Saved iteration {it} to {self.opts.save}')
-    window.add(loss, acc, len(y))
+    window.add(loss, acc, len(y), result.applied)
     record = window.record(lr)
     progress.update(it + 1, record['loss'], record['acc'], lr, record['ips'])
     if _due(it + 1, self.opts.log_every):
@@ -518,6 +548,9 @@ class _Loop:
 
   def finish(self, it, last):
     """Final check and save once the loop ends at iteration ``it``."""
+    if self.skipped:
+      log(f'warning: {self.skipped} of {it - self.start} updates of this run '
+          'were skipped (non-finite gradient or learning rate)')
     if it == self.opts.iters and not _due(it, self.opts.val_every):
       status = self.validate(it)
       if status is not None:

@@ -10,6 +10,10 @@ image (paths relative to ``--data-dir``).  Example::
 
     python imagenet/train.py -save runs/im152_q4.npz -qtype 4 \\
         --data-dir /data/imagenet
+    python imagenet/train.py -save runs/im152_q4.npz --data-dir /data/imagenet \\
+        --eval-only   # validation loss/accuracy of the checkpoint, no training
+
+(``imagenet/validate.py`` gives the 10-crop top-1/top-5.)
 
 Several machines: run the same command on each, with ``TF_CONFIG`` naming
 the workers (``-ngpu`` is then per worker); every worker reads the same
@@ -56,6 +60,9 @@ def parse_args(argv=None):
       'to --data-dir. Default train.txt.')
   add('--val-images', type=int, default=10240, help='validate on the first '
       'N images of the list (0: all). Default 10240, as the reference.')
+  add('--eval-only', action='store_true',
+      help='validate the checkpoint (centre crops, batch and running BN '
+      'statistics) and exit')
   return parser.parse_args(argv)
 
 
@@ -103,9 +110,20 @@ def _main(args):
                                         size, log=training.log)
     return training.evaluate(net, ((x, y) for _, x, y in stream), stop)
 
+  if args.eval_only:
+    return _eval_only(net, args.save, evaluate)
   lr = training.step_schedule(args.iters, ITERS, SCHEDULE)
   return training.run(net, training.options(args, lr, args.split), batches,
                       evaluate)
+
+
+def _eval_only(net, path, evaluate):
+  """Validates checkpoint ``path``; returns the exit status."""
+  if not os.path.exists(path):
+    raise data.DataError(f'--eval-only: checkpoint {path} does not exist')
+  niter = training.resume(net, path)
+  training.log(f'[{niter:09d}] ' + training.describe_eval(evaluate(net)))
+  return 0
 
 
 def _build(args, specs, shape):

@@ -66,13 +66,57 @@ def test_exact_when_k_is_n(classes, mode, sampler):
   np.testing.assert_array_equal(layer(x).numpy(), exact(x).numpy())
 
 
+def _fixed_uniforms(layer, seed=7):
+  """Makes the layer's random draws known: each call of ``_uniform(n, k)``
+  returns stateless draws seeded by (n, k); returns that function."""
+
+  def uniform(n, k):
+    shape = sampling.uniform_shape(layer.sampler, n, k)
+    if shape is None:
+      return None
+    return tf.random.stateless_uniform(shape, seed=[seed, n * 1000 + k])
+
+  layer._uniform = uniform  # pylint: disable=protected-access
+  return uniform
+
+
+def _expected_forward(layer, x, uniform):
+  """What forward mode must compute, from the sampling primitives: for
+  Dense ``sampled_matmul`` (``matmul_with`` at the layer's draws); for
+  Conv2D the convolution of the kept channels with the kept, scaled kernel
+  slices, indices and scales from ``sampling.draw`` on scores computed here.
+  Output and gradients (input, kernel, bias) of the same squared loss."""
+  w, b = tf.constant(layer.kernel.numpy()), tf.constant(layer.bias.numpy())
+  n, k = w.shape[layer.kernel_in_axis], layer.num_kept()
+  with tf.GradientTape() as tape:
+    tape.watch([x, w, b])
+    if layer.kernel_in_axis == 0:
+      y = sampling.matmul_with(x, w, k, layer.sampler, uniform(n, k)) + b
+    else:
+      w_norms = np.sqrt((w.numpy() ** 2).sum(axis=(0, 1, 3)))
+      x_norms = np.sqrt((x.numpy() ** 2).sum(axis=(0, 1, 2)))
+      scores = w_norms if layer.sampler == "weight_topk" else w_norms * x_norms
+      indices, scales = sampling.draw(layer.sampler, tf.constant(scores), k,
+                                      uniform(n, k))
+      w_kept = tf.gather(w, indices, axis=2)
+      if scales is not None:
+        w_kept = w_kept * scales[None, None, :, None]
+      y = tf.nn.conv2d(tf.gather(x, indices, axis=3), w_kept,
+                       layer.strides, layer.padding.upper()) + b
+    loss = tf.reduce_sum(tf.square(y))
+  return [y] + tape.gradient(loss, [x, w, b])
+
+
 @pytest.mark.parametrize("sampler", sampling.SAMPLERS)
 @pytest.mark.parametrize("classes", LAYERS, ids=["dense", "conv"])
 def test_forward_mode_zero_outside_sample(classes, sampler):
-  """Unselected features/channels get exactly zero input and kernel grads."""
+  """Unselected features/channels get exactly zero input and kernel grads;
+  output and kept gradients are those of the sampled product at the same
+  indices and scales."""
   approx_cls, exact_cls, kwargs, shape = classes
   layer, exact = _pair(approx_cls, exact_cls, kwargs, shape, sampler=sampler,
                        sample_ratio=0.5, seed=4)
+  uniform = _fixed_uniforms(layer)
   x = _inputs(shape)
   y, grad_x, grad_w, grad_b = _grads(layer, x)
   in_axis = layer.kernel_in_axis
@@ -87,6 +131,30 @@ def test_forward_mode_zero_outside_sample(classes, sampler):
   y_exact, _, _, grad_b_exact = _grads(exact, x)
   assert not np.allclose(y.numpy(), y_exact.numpy())
   assert grad_b.shape == grad_b_exact.shape
+  want = _expected_forward(layer, x, uniform)
+  for name, g, w in zip(("output", "grad_x", "grad_kernel", "grad_bias"),
+                        (y, grad_x, grad_w, grad_b), want):
+    # Float rounding only (sums in another order): 1e-5 of the largest.
+    np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0,
+                               atol=1e-5 * np.abs(w.numpy()).max(),
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("sampler", sampling.RANDOM_SAMPLERS)
+@pytest.mark.parametrize("classes", LAYERS, ids=["dense", "conv"])
+def test_forward_mode_random_samplers_unbiased(classes, sampler):
+  """crs and bernoulli in forward mode: the mean output of many draws
+  approaches the exact output (one draw is far from it)."""
+  approx_cls, exact_cls, kwargs, shape = classes
+  layer, exact = _pair(approx_cls, exact_cls, kwargs, shape, sampler=sampler,
+                       sample_ratio=0.5, seed=4)
+  x = _inputs(shape)
+  want = exact(x).numpy()
+  step = tf.function(lambda: layer(x, training=True))
+  draws = np.stack([step().numpy() for _ in range(400)])
+  single = np.linalg.norm(draws[0] - want)
+  err = np.linalg.norm(draws.mean(0) - want)
+  assert err < 0.2 * single, (err, single)
 
 
 @pytest.mark.parametrize("classes", LAYERS, ids=["dense", "conv"])
@@ -325,30 +393,92 @@ def test_training_macs():
   assert half < 0.6 * exact
 
 
-def test_fit_trains():
-  """fit with approximate layers runs and lowers the loss."""
-  keras.utils.set_random_seed(0)
+def _fit_data():
   x = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32)
-  y = (x[:, :3].sum(1) > 0).astype(np.int32)
-  model = approx.approximate(nets.mlp(10, (32,), classes=2), 0.5, skip=None)
+  return x, (x[:, :3].sum(1) > 0).astype(np.int32)
+
+
+def _fitted(model, x, y, **fit_kwargs):
   model.compile(keras.optimizers.SGD(0.1),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  hist = model.fit(x, y, epochs=8, batch_size=16, verbose=0)
-  assert hist.history["loss"][-1] < hist.history["loss"][0]
+  hist = model.fit(x, y, verbose=0, shuffle=False, **fit_kwargs)
+  return hist.history["loss"], model.get_weights()
+
+
+def test_fit_trains():
+  """fit with approximate layers: at ratio 1 (or k == n by minimal_k) the
+  very weights of the exact model; at 0.5 the loss falls, and one step is the SGD step of the
+  sampled gradient (not the exact one)."""
+  x, y = _fit_data()
+  keras.utils.set_random_seed(0)
+  base = nets.mlp(10, (32,), classes=2)
+  w0 = base.get_weights()
+  same = approx.approximate(base, 1.0, skip=None)
+  assert all(isinstance(l, approx.ApproxDense) for l in same.layers
+             if isinstance(l, keras.layers.Dense))
+  # minimal_k >= every layer's inputs (10, 32): k == n, exact as well.
+  kept_all = approx.approximate(base, 0.5, minimal_k=32, skip=None)
+  _, want = _fitted(base, x, y, epochs=3, batch_size=16)
+  for other in (same, kept_all):
+    _, got = _fitted(other, x, y, epochs=3, batch_size=16)
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g, w)
+  base.set_weights(w0)
+  model = approx.approximate(base, 0.5, skip=None)
+  loss, _ = _fitted(model, x, y, epochs=8, batch_size=16)
+  assert loss[-1] < 0.8 * loss[0], loss
+  # One full-batch step from w0: w0 - 0.1 * (gradient of the sampled model).
+  model = approx.approximate(base, 0.5, skip=None)
+  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  with tf.GradientTape() as tape:
+    sampled = loss_fn(y, model(x, training=True))
+  grads = tape.gradient(sampled, model.trainable_weights)
+  with tf.GradientTape() as tape:
+    exact = loss_fn(y, base(x, training=True))
+  exact_grads = tape.gradient(exact, base.trainable_weights)
+  assert not np.allclose(grads[0].numpy(), exact_grads[0].numpy())
+  _, got = _fitted(model, x, y, epochs=1, batch_size=64)
+  for g, w, grad in zip(got, w0, grads):
+    np.testing.assert_allclose(g, w - 0.1 * grad.numpy(), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_backward_mode_samples_outputs_and_batch():
   """Backward mode samples when its output features or batch allow it,
-  even when every input feature would be kept."""
+  even when every input feature would be kept: grad-input is
+  ``sampled_matmul(g, wᵀ)`` over output features, grad-kernel
+  ``sampled_matmul(xᵀ, g)`` over the batch, at the layer's draws; the mean
+  of many draws is the exact gradient."""
   layer, exact = _pair(approx.ApproxDense, keras.layers.Dense,
                        dict(units=40), (16, 12), mode="backward",
                        sampler="crs", sample_ratio=0.5, minimal_k=12, seed=1)
   assert layer.num_kept() == 12
   x = _inputs((16, 12))
-  got, want = _grads(layer, x), _grads(exact, x)
+  want = _grads(exact, x)
+  step = tf.function(lambda: _grads(layer, x))
+  draws = [step() for _ in range(300)]
+  got = draws[0]
   np.testing.assert_array_equal(got[0].numpy(), want[0].numpy())
   assert not np.allclose(got[1].numpy(), want[1].numpy())
   assert not np.allclose(got[2].numpy(), want[2].numpy())
+  for i in (1, 2):
+    mean = np.mean([d[i].numpy() for d in draws], axis=0)
+    single = np.linalg.norm(got[i].numpy() - want[i].numpy())
+    err = np.linalg.norm(mean - want[i].numpy())
+    assert err < 0.2 * single, (i, err, single)
+  # The same draws as sampled_matmul: 20 of 40 outputs, 12 of 16 examples.
+  uniform = _fixed_uniforms(layer)
+  _, grad_x, grad_w, _ = _grads(layer, x)
+  w = tf.constant(layer.kernel.numpy())
+  g = 2 * (x @ w + layer.bias)  # d(sum y²)/dy
+  np.testing.assert_allclose(
+      grad_x.numpy(), sampling.matmul_with(
+          g, tf.transpose(w), 20, "crs", uniform(40, 20)).numpy(),
+      rtol=1e-5, atol=1e-5, err_msg="grad_x")
+  np.testing.assert_allclose(
+      grad_w.numpy(), sampling.matmul_with(
+          tf.transpose(x), g, 12, "crs", uniform(16, 12)).numpy(),
+      rtol=1e-5, atol=1e-5, err_msg="grad_kernel")
 
 
 def test_recalibrate_batch_norm():

@@ -1,8 +1,14 @@
-"""The benchmark's own logic (bench/): batch search, report, baselines.
+"""The benchmark's own logic (bench/): batch search, report, baselines,
+and each section's code path in a tiny configuration.
 
-Marked slow: the benchmark is not part of the default suite.
+These run in the default suite (each a few seconds); the benchmark itself
+is not run here, and timing one real approx_step configuration is marked
+slow.
 """
 
+import contextlib
+import importlib
+import io
 import json
 
 import numpy as np
@@ -11,8 +17,6 @@ import tensorflow as tf
 
 from bench import common, report, run
 from blpa import autodiff, memory, models
-
-pytestmark = pytest.mark.slow
 
 
 class FakeRunner:
@@ -188,6 +192,7 @@ def test_naive_bits_zero_is_exact_and_four_bits_perturbs():
     autodiff.logits(net.layers, weights, x, naive_bits=2)
 
 
+@pytest.mark.slow
 def test_approx_step_times_every_model():
   from bench import approx_step
   got = approx_step.measure(ratios=(0.5, 0.33), depth=10, width=1, batch=4,
@@ -197,3 +202,106 @@ def test_approx_step_times_every_model():
   assert got['channel_ops'] in ('native', 'python')
   with pytest.raises(ValueError, match='ratios must lie in'):
     approx_step.measure(ratios=(1.0,))
+
+
+def test_approx_step_tiny():
+  """bench/approx_step.py's code path on the smallest WRN, one round."""
+  from bench import approx_step  # pylint: disable=import-outside-toplevel
+  got = approx_step.measure(ratios=(0.5,), depth=10, width=1, batch=2,
+                            rounds=1, warmup=0)
+  assert got['network'] == 'WRN-10-1' and got['exact_ms'] > 0
+  assert set(got['speedup']) == {'0.5'} and got['speedup']['0.5'] > 0
+
+
+class InProcessRunner(run.Runner):
+  """Runs a section's measuring module in this process (no cache): its
+  ``main(argv)``, whose printed JSON line is the result."""
+
+  def __init__(self, config):  # pylint: disable=super-init-not-called
+    self.config, self.fresh, self.cache, self.modules = config, True, {}, []
+    self.ram_limit = 64 * common.GIB
+
+  def run(self, key, args, environ):
+    del key, environ
+    assert args[0] == '-m'
+    self.modules.append(args[1])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      importlib.import_module(args[1]).main(args[2:])
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+#: A tiny configuration: ResNet-5 (rblocks 1) on 8×8 images, batch 2-4.
+TINY = dict(run.CONFIGS['quick'], size=8, time_rblocks=1, time_batch=2,
+            time_steps=1, time_warmup=0, fid_rblocks=1, fid_batch=4,
+            fid_train_iters=1, fid_train_batch=2, fid_data=['synthetic'],
+            quant_shape=[2, 2, 2, 8], quant_reps=1,
+            methods=['keras', 'blpa_q4'])
+
+
+def _tiny_results(runner, **sections):
+  results = {'mode': 'quick', 'config': runner.config, 'date': 'now',
+             'duration_s': 1, 'machine': run.machine(),
+             'memory': {'runs': [], 'skipped': []}, **sections}
+  results['targets'] = report.targets(results)
+  return results
+
+
+def test_timing_and_quant_ops_sections_in_a_tiny_configuration(tmp_path):
+  """The timing and quantization-op sections run their measuring modules
+  (bench.timing, bench.quantops) on a tiny network and tensor, in this
+  process, and the report is written from their results. (The memory and
+  max-batch sections need a fresh process with the BFC allocator per
+  measurement: their logic is checked with fake peaks above.)"""
+  runner = InProcessRunner(TINY)
+  timing = run.timing_section(runner, TINY)
+  assert set(timing['summary']) == {'keras', 'blpa_q4'}, timing
+  assert timing['summary']['keras']['time_ratio'] == 1.0
+  assert all(t > 0 for t in timing['step_times']['blpa_q4'])
+  quant_ops = run.quant_ops_section(runner, TINY)
+  assert quant_ops['native']['q4']['save_function_ms'] > 0
+  assert quant_ops['python']['q8']['restore_eager_ms'] > 0
+  assert runner.modules == ['bench.timing', 'bench.quantops']
+  results = _tiny_results(runner, timing=timing, quant_ops=quant_ops)
+  names = {t['name'] for t in results['targets']}
+  assert {'step time blpa qtype 4', 'quantization kernels'} <= names, names
+  report.write(results, str(tmp_path))
+  text = (tmp_path / 'results.md').read_text()
+  assert 'Quantization ops' in text and 'blpa qtype 4' in text
+
+
+@pytest.mark.slow
+def test_fidelity_section_in_a_tiny_configuration(tmp_path):
+  """bench.fidelity on ResNet-5, 8×8 synthetic images: every variant's
+  per-layer cosines, at init and after one training step, and the report.
+  (About a minute on a loaded 2-core machine: slow.)"""
+  runner = InProcessRunner(TINY)
+  fidelity = run.fidelity_section(runner, TINY)
+  states = fidelity['synthetic']['states']
+  assert set(states) == {'init', 'trained'}
+  cos = states['init']['blpa_q8']['layer_cosine']
+  assert len(cos) > 0 and all(-1 <= c <= 1.0001 for c in cos)
+  results = _tiny_results(runner, fidelity=fidelity)
+  assert 'gradient cosine at init (synthetic)' in {
+      t['name'] for t in results['targets']}
+  report.write(results, str(tmp_path))
+  assert 'Gradient fidelity' in (tmp_path / 'results.md').read_text()
+
+
+def test_breakdown_rows_add_up_to_the_peak_and_steps_are_counted():
+  """A stored breakdown with a kind the table does not list (an older
+  blpa.memory's) still adds up to the measured peak; the timing sentence
+  counts the steps that were timed, not the configuration's."""
+  cfg = dict(run.CONFIGS['quick'])
+  results = _fake_results(cfg)
+  head = next(r for r in results['memory']['runs']
+              if 'breakdown' in r)
+  head['breakdown']['widest_gradient_in'] = 5 * common.MIB  # not listed
+  head['peak_bytes'] = 20 * common.MIB
+  results['timing']['step_times'] = {'keras': [1.0] * 3}
+  results['timing']['warmup'] = 1
+  parts = report._breakdown(head)  # pylint: disable=protected-access
+  assert sum(parts.values()) == 20 * common.MIB
+  text = report.markdown(results)
+  assert 'median of 3 interleaved steps after 1 warm-up steps' in text
+  assert f'| **{20:.1f}** |' in text

@@ -304,3 +304,16 @@ def test_native_at_least_5x_faster():
   result = timing.measure(repeats=7)
   for rnd in rounding.ROUNDINGS:
     assert result[rnd]["speedup"] >= 5, result
+
+
+def test_timing_tiny():
+  """The timing code path of the slow speed check on a tiny tensor: every
+  rounding mode timed natively and on the fallback (no speed asserted)."""
+  from blpa.fixedpoint import timing  # pylint: disable=import-outside-toplevel
+  with use_backend("native"):
+    result = timing.measure(shape=(2, 4, 4, 8), repeats=1)
+  assert set(result) == set(rounding.ROUNDINGS)
+  for got in result.values():
+    assert got["native_ms"] > 0 and got["fallback_ms"] > 0
+    assert got["speedup"] == pytest.approx(got["fallback_ms"] /
+                                           got["native_ms"])

@@ -137,6 +137,14 @@ def test_serialization(tmp_path):
   assert isinstance(loaded.get_layer("d"), fx.FixedPointDense)
   np.testing.assert_array_equal(loaded.get_layer("d").kernel.numpy(),
                                 model.get_layer("d").kernel.numpy())
+  # The loaded model computes what the saved one does, seeded stochastic
+  # rounding included (the same draws, call after call).
+  reloaded = keras.models.load_model(path)
+  for _ in range(2):
+    want = model(x).numpy()
+    np.testing.assert_array_equal(loaded(x).numpy(), want)
+    np.testing.assert_array_equal(reloaded(x).numpy(), want)
+  assert np.any(want != 0)
   det = keras.Sequential(model.layers[1:])
   assert det(model.layers[0](x)).shape == (3, 2)
 

@@ -64,27 +64,40 @@ def test_forward_matches_unfused_formulas(shape, nbits):
     np.testing.assert_array_equal(saved.numpy(), ((z - mean) / sigma).numpy())
 
 
-@pytest.mark.parametrize('nbits', [0, 8])
-def test_grad_matches_gradient_tape(nbits):
-  """BN backward from a full copy (or 8-bit codes) vs autodiff of BN+ReLU."""
+# Tolerances (largest error / largest |gradient|) of grad_in, dbias, dscale.
+# Measured (seed 2): 0 bits ~1e-7; 8 bits at most 6e-4, 0, 9e-3; 4 bits at
+# most 2.5e-2, 0, 0.13 (few channels: clipping at ±3 costs most). The mask
+# is exact at every bit width, so dbias is exact.
+GRAD_TOLERANCES = {0: (1e-5, 1e-5, 1e-5), 8: (3e-3, 1e-5, 3e-2),
+                   4: (6e-2, 1e-5, 0.25)}
+
+
+@pytest.mark.parametrize('nbits', [0, 8, 4])
+@pytest.mark.parametrize('relu', [True, False])
+def test_grad_matches_gradient_tape(nbits, relu):
+  """BN(+ReLU) backward from a full copy, 8- or 4-bit codes vs autodiff of
+  the same BN(+ReLU): the formulas checked against an independent
+  derivation, with and without the ReLU."""
   shape = (4, 5, 5, 6)
   z, _, _, scale, bias, grad = _inputs(shape, 2)
   with tf.GradientTape() as tape:
     tape.watch([z, scale, bias])
     mean, var = tf.nn.moments(z, axes=[0, 1, 2])
-    out = tf.nn.relu((z - mean) / tf.sqrt(var + EPSILON) * scale + bias)
+    out = (z - mean) / tf.sqrt(var + EPSILON) * scale + bias
+    if relu:
+      out = tf.nn.relu(out)
   want = tape.gradient(out, [z, bias, scale], output_gradients=grad)
   mean, var = tf.nn.moments(z, axes=[0, 1, 2])
   sigma = tf.sqrt(var + EPSILON)
-  _, saved = fused.bn_relu_forward(z, mean, sigma, scale, bias, nbits)
+  _, saved = fused.bn_relu_forward(z, mean, sigma, scale, bias, nbits, relu)
   center = bias / scale if nbits else bias
-  got = fused.bn_relu_grad(grad, saved, scale, center, sigma, nbits)
-  # A full copy is exact (float rounding); 8-bit codes approximate y.
-  tol = 1e-4 if nbits == 0 else 5e-2
-  for name, g, w in zip(('grad_in', 'dbias', 'dscale'), got, want):
+  got = fused.bn_relu_grad(grad, saved, scale, center, sigma, nbits, relu)
+  # A full copy is exact (float rounding); codes approximate y.
+  for name, g, w, tol in zip(('grad_in', 'dbias', 'dscale'), got, want,
+                             GRAD_TOLERANCES[nbits]):
     scale_of = np.abs(w.numpy()).max()
-    np.testing.assert_allclose(g.numpy(), w.numpy(), atol=tol * scale_of,
-                               err_msg=name)
+    np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=0,
+                               atol=tol * scale_of, err_msg=name)
 
 
 def _widened(shape, nbits, seed, relu=True):

@@ -52,12 +52,17 @@ def test_exact_gradients_match_gradient_tape(name, specs, shape):
         f'(float32 GradientTape: {tape_err:.3g})')
 
 
-@pytest.mark.parametrize('qtype,min_cosine', [(8, 0.98), (4, 0.9)])
-def test_quantized_gradients_close_to_exact(qtype, min_cosine):
-  """Every layer's K-bit gradient points the same way as the exact one.
+@pytest.mark.parametrize('qtype,min_cosine,max_error', [(8, 0.98, 0.25),
+                                                       (4, 0.9, 0.5)])
+def test_quantized_gradients_close_to_exact(qtype, min_cosine, max_error):
+  """Every layer's K-bit gradient points the same way as the exact one and
+  has its size: cosine, relative error and norm ratio are bounded (the
+  cosine alone would pass a gradient off by a constant factor).
 
   On this tiny network (batch 8, few channels) clipping at ±3 normalized
   units costs more than the bin width; bench/ measures ResNet-164.
+  Measured (seed 2): relative error at most 0.15 (8 bits) and 0.38 (4 bits),
+  norm ratios within 0.95-1.04; the bounds leave a margin.
   """
   specs, shape = helpers.every_kind_specs(), [8, 16, 16, 3]
   exact = helpers.build(specs, shape, qtype=0)
@@ -68,7 +73,11 @@ def test_quantized_gradients_close_to_exact(qtype, min_cosine):
   for g, w, name in zip(approx.gradients(x, y), exact.gradients(x, y),
                         exact.weight_names):
     cosine = np.sum(g * w) / (np.linalg.norm(g) * np.linalg.norm(w))
+    error = np.linalg.norm(g - w) / np.linalg.norm(w)
+    ratio = np.linalg.norm(g) / np.linalg.norm(w)
     assert cosine >= min_cosine, f'{name}: cosine {cosine:.4f}'
+    assert error <= max_error, f'{name}: relative error {error:.4f}'
+    assert abs(ratio - 1) <= 0.1, f'{name}: norm ratio {ratio:.4f}'
 
 
 def test_quantized_layers_are_bn_relu_and_not_last_or_maxpool():

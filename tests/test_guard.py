@@ -7,6 +7,7 @@ raising with ``on_nonfinite='raise'``); ``save`` to a path it cannot write
 names the path and leaves no temporary file.
 """
 
+import errno
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from blpa import models
+from blpa import checkpoint, models
 from tests.conftest import ROOT
 
 SHAPE = [8, 8, 8, 3]
@@ -238,13 +239,39 @@ def test_save_where_it_cannot_write_names_the_path(net, tmp_path):
   with pytest.raises(NotADirectoryError, match='is a file') as e:
     net.save(path, 1)
   assert path in str(e.value) and not _left_over(tmp_path)
-  if os.geteuid() != 0:  # root writes anywhere
-    locked = tmp_path / 'locked'
-    locked.mkdir()
-    locked.chmod(0o500)
-    try:
-      with pytest.raises(PermissionError, match='cannot save a checkpoint'):
-        net.save(str(locked / 'ckpt.npz'), 1)
-      assert not os.listdir(locked)
-    finally:
-      locked.chmod(0o700)
+
+
+def test_save_without_permission_names_the_path(net, tmp_path, monkeypatch):
+  """A folder that cannot be written (the temporary file cannot be created)
+  or a rename that is refused: PermissionError naming the path, no file
+  left. Simulated, so that it runs as root too (root writes anywhere)."""
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(errno.EACCES, 'Permission denied')
+
+  path = str(tmp_path / 'ckpt.npz')
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint.tempfile, 'mkstemp', refuse)
+    with pytest.raises(PermissionError, match='cannot save a checkpoint') as e:
+      net.save(path, 1)
+  assert path in str(e.value) and not os.listdir(tmp_path)
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint.os, 'replace', refuse)
+    with pytest.raises(PermissionError, match='cannot save a checkpoint') as e:
+      net.save(path, 1)
+  assert path in str(e.value) and not os.listdir(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='runs as root, who may write '
+                    'into a read-only folder; simulated in '
+                    'test_save_without_permission_names_the_path')
+def test_save_into_a_read_only_folder(net, tmp_path):
+  locked = tmp_path / 'locked'
+  locked.mkdir()
+  locked.chmod(0o500)
+  try:
+    with pytest.raises(PermissionError, match='cannot save a checkpoint'):
+      net.save(str(locked / 'ckpt.npz'), 1)
+    assert not os.listdir(locked)
+  finally:
+    locked.chmod(0o700)

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from blpa import graph, models, native, storage
+from tests import helpers
 from tests.conftest import ROOT
 from tests.test_quant import use_backend
 
@@ -100,7 +101,7 @@ def test_native_write_reuses_the_variable_buffer():
   would make the read a copy.
   """
   if native.library() is None:
-    pytest.skip('native library not built')
+    pytest.skip(f'native library not built ({native.so_path()})')
   env = dict(os.environ, TF_CPU_ALLOCATOR_USE_BFC='true',
              TF_CPP_MIN_LOG_LEVEL='2', PYTHONPATH=ROOT, BLPA_PY_OPS='0')
   out = subprocess.run([sys.executable, '-c', _REUSE_CHECK], env=env,
@@ -145,20 +146,37 @@ def test_native_resize_rejects_bad_rows():
 
 
 @pytest.mark.parametrize('backend', BACKENDS)
-def test_graph_copies_follow_the_batch_size(backend):
-  """Training steps with changing batch sizes resize the code variables."""
+def test_graph_copies_follow_the_batch_size(backend, tmp_path):
+  """Training steps with changing batch sizes resize the code variables,
+  and train as a fresh network of each step's batch size does (started
+  from the same weights and momentum, built and run with the pure-TF ops,
+  which never write in place)."""
+  path = str(tmp_path / 'state.npz')
   with use_backend(backend):
-    net = models.build(models.cifar_resnet(1), [4, 8, 8, 3], qtype=4)
-    rng = np.random.default_rng(0)
-    for batch in (4, 3, 4):
-      x = rng.normal(size=[batch, 8, 8, 3]).astype(np.float32)
-      y = rng.integers(0, 10, batch)
-      net.forward(x, y)
+    net = helpers.build(helpers.every_kind_specs(), [4, 16, 16, 3], qtype=4)
+  rng = np.random.default_rng(0)
+  fresh = {}  # one per batch size, which it never changes
+  for batch in (4, 3, 4):
+    x, y = helpers.batch([batch, 16, 16, 3], net.num_classes, seed=batch)
+    net.save(path, 0, state=True)
+    with use_backend('python'):
+      if batch not in fresh:
+        fresh[batch] = helpers.build(helpers.every_kind_specs(),
+                                     [batch, 16, 16, 3], qtype=4)
+      fresh[batch].load(path)
+      want = fresh[batch].forward(x, y)
+      assert fresh[batch].backward(0.01)
+    with use_backend(backend):
+      got = net.forward(x, y)
       assert net.backward(0.01)
-      for layer, saved in zip(net.layers, net.saved):
-        if layer.bits:
-          assert tf.shape(graph.batch_variable(saved['act']))[0] == batch
-    assert all(np.isfinite(w.numpy()).all() for w in net.weights)
+    np.testing.assert_allclose(got, want, rtol=1e-5, err_msg='acc, loss')
+    for layer, saved in zip(net.layers, net.saved):
+      if layer.bits:
+        assert tf.shape(graph.batch_variable(saved['act']))[0] == batch
+    for name, w, v in zip(net.weight_names, net.weights,
+                          fresh[batch].weights):
+      np.testing.assert_allclose(w.numpy(), v.numpy(), rtol=1e-4, atol=1e-6,
+                                 err_msg=f'batch {batch}: {name}')
 
 
 def test_graph_training_is_the_same_with_both_backends():
@@ -181,6 +199,6 @@ def test_graph_training_is_the_same_with_both_backends():
 def test_native_library_has_the_storage_ops():
   lib = native.library()
   if lib is None:
-    pytest.skip('native library not built')
+    pytest.skip(f'native library not built ({native.so_path()})')
   assert hasattr(lib, 'blpa_write_variable')
   assert hasattr(lib, 'blpa_resize_variable')

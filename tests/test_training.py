@@ -1,12 +1,15 @@
-"""The shared training loop (blpa.training), with a stand-in network."""
+"""The shared training loop (blpa.training), with a stand-in network and
+with a real graph."""
 
 import json
 import math
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from blpa import checkpoint, training
+from tests import helpers
 
 
 class FakeNet:
@@ -70,6 +73,51 @@ def test_finished_run_saves_validates_and_resumes(tmp_path):
   records = [json.loads(l) for l in open(tmp_path / 'm.jsonl')]
   assert [r['iter'] for r in records if 'val_acc' in r] == [2, 4, 6]
   assert _run(tmp_path, FakeNet(nan_at=-1), iters=6) == 0  # nothing to do
+
+
+def test_real_graph_skipped_update_is_counted_and_reported(tmp_path, capsys):
+  """A real graph through run(): at iteration 1 the loss is finite but its
+  gradient is not (an inf put into the loss gradient after the forward
+  pass), so the graph skips that update; the loop goes on, logs the skip,
+  counts it in the JSONL record and the summary, and ends with the weights
+  of the same training without iteration 1's update."""
+  shape = [4, 16, 16, 3]
+  rng = np.random.default_rng(0)
+  data = [(rng.standard_normal(shape).astype(np.float32),
+           rng.integers(0, 5, shape[0])) for _ in range(4)]
+  tf.random.set_seed(3)
+  net = helpers.build(helpers.every_kind_specs(), shape, qtype=4)
+  tf.random.set_seed(3)
+  want = helpers.build(helpers.every_kind_specs(), shape, qtype=4)
+  forward = net.forward
+
+  def forward_with_inf_gradient(x, y, **kwargs):
+    out = forward(x, y, **kwargs)
+    if kwargs.get('train', True) and x is data[1][0]:
+      net.loss_grad.assign(tf.tensor_scatter_nd_update(
+          net.loss_grad.read_value(), [[0, 0, 0, 1]], [np.inf]))
+    return out
+
+  net.forward = forward_with_inf_gradient
+  opts = training.Options(save=str(tmp_path / 'm.npz'), iters=4,
+                          lr=lambda it: 0.05, val_every=0, ckpt_every=0,
+                          log_every=2, progress=False)
+  with pytest.warns(RuntimeWarning, match='gradient is not finite'):
+    status = training.run(net, opts, lambda a, b: iter(data[a:b]),
+                          lambda net, stop: None)
+  assert status == 0
+  out = capsys.readouterr().out
+  assert '[000000001] warning: update skipped' in out, out
+  assert 'warning: 1 of 4 updates of this run were skipped' in out, out
+  records = [json.loads(l) for l in open(tmp_path / 'm.jsonl')]
+  assert [r.get('skipped', 0) for r in records] == [1, 0], records
+  for i in (0, 2, 3):
+    want.forward(*data[i])
+    assert want.backward(0.05)
+  names = want.weight_names + [f'momentum of {n}' for n in want.weight_names]
+  for name, got, w in zip(names, net.weights + net.momentum,
+                          want.weights + want.momentum):
+    np.testing.assert_array_equal(got.numpy(), w.numpy(), err_msg=name)
 
 
 def test_run_log_drops_records_past_resume_point(tmp_path):
