@@ -1,7 +1,7 @@
 """Why blpa's K-bit gradients deviate: bin width against clipping.
 
 A diagnostic, not part of ``run.py``.  blpa's quantizer covers about ±3
-normalized units with 2^K bins (DESIGN.md).  This script swaps in the same
+normalized units with 2^K bins (docs/algorithm.md).  This script swaps in the same
 quantizer with another range R (bins of width R/2^K, ``--ranges``), in pure
 TF, and measures the gradient cosine against the exact one as
 ``bench/fidelity.py`` does (at initialization, weight decay 0).  R = 6 is

@@ -18,10 +18,9 @@ slices (scaled, if the sampler scales), and runs one product on them; the
 gradients of the copies are scattered back to all channels. Copies and
 scatters are :func:`blpa.channels.gather_channels` and its gradient: with
 ``tf.gather`` on the channel axis, whose gradient transposes the whole input
-twice around an ``UnsortedSegmentSum``, a WRN-16-4 training step (batch 32,
-2-core CPU, oneDNN on) at ratio 0.5 was only 1.13× faster than the exact
-step; with the native gather and scatter, 1.37× (``bench/approx_step.py``,
-``docs/approx.md``). Selecting the channels with a one-hot matmul adds
+twice around an ``UnsortedSegmentSum``, a sampled WRN-16-4 training step
+gains less over the exact step than with the native gather and scatter
+(``bench/approx_step.py``; figures in ``bench/results/approx_step.md``). Selecting the channels with a one-hot matmul adds
 ``C·k`` multiply-adds per position and is not used.
 
 Exact gradients are vector-Jacobian products of ``op.apply`` taken with a
