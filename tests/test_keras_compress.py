@@ -179,6 +179,21 @@ def test_bad_arguments():
     compress(compress(model, 4), 4)
 
 
+def _string_loss_grads(model, callers, x, y):
+  """Gradients of ``model``'s variables with the loss named by a string,
+  each caller run from the same weights (BN statistics included)."""
+  loss = keras.losses.get('sparse_categorical_crossentropy')
+  weights = model.get_weights()
+  grads = []
+  for caller in callers:
+    model.set_weights(weights)
+    with tf.GradientTape() as tape:
+      value = loss(y, caller(x, training=True))
+    grads.append([g.numpy() for g in
+                  tape.gradient(value, model.trainable_variables)])
+  return grads
+
+
 def test_subclassed_model_gradients_and_original_untouched():
   """A subclassed model with glue in call: bits 0 gives Keras's gradients;
   the original, called directly after (or during) compression, is
@@ -202,16 +217,7 @@ def test_subclassed_model_gradients_and_original_untouched():
   x, _ = kh.batch([4, 6, 6, 3])
   y = np.array([0, 1, 2, 1])
   model(x)
-  compressed = compress(model, 0)
-  loss = keras.losses.get('sparse_categorical_crossentropy')
-  weights = model.get_weights()
-  grads = []
-  for m in (model, compressed, model):
-    model.set_weights(weights)
-    with tf.GradientTape() as tape:
-      value = loss(y, m(x, training=True))
-    grads.append([g.numpy() for g in
-                  tape.gradient(value, model.trainable_variables)])
+  grads = _string_loss_grads(model, [model, compress(model, 0), model], x, y)
   kh.assert_same_gradients(grads[0], grads[1])
   kh.assert_same_gradients(grads[0], grads[2])
   # No wrapper is left on the layers once the compressed call returned.
@@ -271,15 +277,7 @@ def test_softmax_head_with_string_loss_gets_keras_gradients():
   model = keras.Model(inp, keras.layers.Dense(3, activation='softmax')(h))
   x, _ = kh.batch([4, 6, 6, 3])
   y = np.array([0, 1, 2, 1])
-  loss = keras.losses.get('sparse_categorical_crossentropy')
-  weights = model.get_weights()
-  grads = []
-  for m in (model, compress(model, 0)):
-    model.set_weights(weights)
-    with tf.GradientTape() as tape:
-      value = loss(y, m(x, training=True))
-    grads.append([g.numpy() for g in
-                  tape.gradient(value, model.trainable_variables)])
+  grads = _string_loss_grads(model, [model, compress(model, 0)], x, y)
   kh.assert_same_gradients(grads[0], grads[1])
 
 
