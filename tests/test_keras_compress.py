@@ -46,6 +46,10 @@ def test_bits8_and_bits4_gradients_are_close(resnet):
   (_, g0, _), (_, g8, _) = kh.compare(resnet, compress(resnet, 8), x, y)
   (_, _, _), (_, g4, _) = kh.compare(resnet, compress(resnet, 4), x, y)
   assert min(kh.cosines(g0, g8)) >= 0.99
+  # Cosine is blind to scale (a missing factor on the codes passes it): the
+  # relative error is bounded too; measured 0.0082 at 8 bits, 0.106 at 4.
+  assert kh.global_rel_error(g0, g8) <= 0.02
+  assert kh.global_rel_error(g0, g4) <= 0.2
   cos4 = kh.cosines(g0, g4)
   # 4 bits, reported: measured weakest layer about 0.95, median 0.989.
   assert min(cos4) >= 0.9, cos4
@@ -161,10 +165,18 @@ def test_stateful_layer_keeps_its_own_gradient():
   row = [r for r in rows(compressed, 2) if r['kind'] == 'ordinary'][0]
   assert 'non-trainable state' in row['reason']
   x = tf.ones([2, 4])
-  with tf.GradientTape() as tape:
-    tape.watch(x)
-    out = compressed(x, training=True)
-  assert np.all(tape.gradient(out, x).numpy() != 0)
+  counter = model.layers[1].count
+  grads = []
+  for m in (model, compressed):
+    before = float(counter.numpy())
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      out = m(x, training=True)
+    grads.append(tape.gradient(out, x).numpy())
+    # The state is updated once per call (no recompute runs it again).
+    assert float(counter.numpy()) == before + 1.0
+  np.testing.assert_allclose(grads[1], grads[0], rtol=1e-6)
+  assert np.all(grads[0] != 0)
 
 
 def test_bad_arguments():
@@ -408,3 +420,23 @@ def test_overlapping_max_pool_keeps_exact_argmax_offsets(pool, strides,
   x, y = kh.batch([3, size, size, 3], classes=5)
   (_, g0, _), (_, g1, _) = kh.compare(model, compressed, x, y)
   assert kh.global_rel_error(g0, g1) == 0.0
+
+
+def test_projection_shortcut_resnet_with_dropout_bits0_equals_keras():
+  """``keras_cifar_resnet(shortcut='projection')`` (1x1 convolutions on the
+  shortcut) with a Dropout of rate 0.3 before the head: bits 0 equals
+  Keras given the same dropout draws (all variables, seed states included,
+  restored between the runs)."""
+  tf.random.set_seed(0)
+  base = models.keras_cifar_resnet(1, input_shape=(16, 16, 3),
+                                   shortcut='projection')
+  h = keras.layers.Dropout(0.3)(base.layers[-2].output)
+  model = keras.Model(base.inputs, base.layers[-1](h))
+  x, y = kh.batch([4, 16, 16, 3])
+  start = [v.numpy() for v in model.variables]
+  grads = []
+  for m in (model, compress(model, 0)):
+    for v, value in zip(model.variables, start):
+      v.assign(value)
+    grads.append(kh.loss_and_grads(m, x, y)[1])
+  kh.assert_same_gradients(grads[0], grads[1])
