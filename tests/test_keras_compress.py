@@ -440,3 +440,23 @@ def test_projection_shortcut_resnet_with_dropout_bits0_equals_keras():
       v.assign(value)
     grads.append(kh.loss_and_grads(m, x, y)[1])
   kh.assert_same_gradients(grads[0], grads[1])
+
+
+def test_fit_at_bits0_gives_the_weights_plain_fit_gives(resnet):
+  """``fit`` of ``compress(model, 0)`` and of the model itself, from the
+  same weights on the same batches (no shuffling): the same weights after
+  (float rounding aside)."""
+  x, y = kh.batch([16, 16, 16, 3])
+  start = [v.numpy() for v in resnet.variables]
+  after = []
+  for m in (resnet, compress(resnet, 0)):
+    for v, value in zip(resnet.variables, start):
+      v.assign(value)
+    m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+              loss=keras.losses.SparseCategoricalCrossentropy(
+                  from_logits=True))
+    m.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+    after.append([v.numpy() for v in resnet.variables])
+  moved = kh.global_rel_error(start, after[0])
+  assert moved > 1e-3
+  assert kh.global_rel_error(after[0], after[1]) <= 1e-5 * max(1.0, moved)
