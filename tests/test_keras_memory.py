@@ -104,3 +104,12 @@ def test_mirrored_strategy_fit_matches_plain_keras():
   assert got['moved'] > 1e-3            # the step did change the weights
   assert got['diff0'] <= 1e-5
   assert got['losses'][0] == pytest.approx(got['losses'][1], rel=1e-5)
+  for bits, near in ((8, 0.2), (4, 0.5)):
+    # The replicas' copies of every trained variable agree; the weights
+    # are near plain Keras's; and a one-device run on the same batches
+    # differs from the mirrored one no more than plain Keras's two runs do
+    # (BN statistics are per replica) plus the bits' own error.
+    assert got[f'spread{bits}'] == 0.0, got
+    assert got[f'diff{bits}'] <= near * got['moved'], got
+    assert got[f'one_device{bits}'] <= (
+        1.5 * got['one_device_plain'] + 2 * got[f'diff{bits}']), got
