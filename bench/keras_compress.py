@@ -46,13 +46,21 @@ def build_model(name, rblocks=18):
 
 
 def train_step(model, batch, size, seed=0):
-  """A callable running one SGD-momentum training step of ``model``."""
+  """A callable running one SGD-momentum training step of ``model`` on a
+  random image batch."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  import keras  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   x = tf.constant(rng.standard_normal([batch, size, size, 3]), tf.float32)
   y = tf.constant(rng.integers(0, 10, size=[batch]), tf.int32)
+  return step_on(model, x, y)
+
+
+def step_on(model, x, y):
+  """A callable running one SGD-momentum training step of ``model`` on
+  ``(x, y)`` (any input structure)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  import keras  # pylint: disable=import-outside-toplevel
   optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
   loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
   variables = model.trainable_variables

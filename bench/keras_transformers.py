@@ -138,27 +138,6 @@ def config_model(name, dropout, key, quick=False, plain=None):
   return model
 
 
-def train_step(model, x, y):
-  """A callable running one SGD-momentum training step of ``model`` on
-  ``(x, y)`` (``bench.keras_compress.train_step`` for any inputs)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  import keras  # pylint: disable=import-outside-toplevel
-  optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
-  loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-  variables = model.trainable_variables
-
-  @tf.function
-  def step():
-    with tf.GradientTape() as tape:
-      loss = loss_fn(y, model(x, training=True))
-      if model.losses:
-        loss = loss + tf.add_n(model.losses)
-    optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-    return loss
-
-  return lambda: step().numpy()
-
-
 def peak_main(args):
   """In a fresh process: peak bytes of one step, printed as JSON."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -167,8 +146,8 @@ def peak_main(args):
   try:
     model = config_model(args.peak_of, args.dropout, args.config,
                          args.quick)
-    step = train_step(model, *batch_data(args.peak_of, args.batch,
-                                         args.quick))
+    step = keras_compress.step_on(
+        model, *batch_data(args.peak_of, args.batch, args.quick))
     weights = sum(int(v.numpy().size) * 4 for v in model.weights)
     peak = memory.peak_bytes(step, repeats=1)
   except Exception as e:  # pylint: disable=broad-except
@@ -218,7 +197,8 @@ def step_times(name, dropout, batch, rounds, quick=False, warmup=1,
   steps, errors = {}, {}
   for key in configs or CONFIGS:
     try:  # the first call traces; a configuration that fails is left out
-      step = train_step(config_model(name, dropout, key, quick, plain), x, y)
+      model = config_model(name, dropout, key, quick, plain)
+      step = keras_compress.step_on(model, x, y)
       step()
       steps[key] = step
     except Exception as e:  # pylint: disable=broad-except

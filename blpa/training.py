@@ -470,6 +470,20 @@ def resume(net, path):
   return start
 
 
+
+def eval_only(net, path, evaluate):
+  """Evaluates checkpoint ``path`` (the programs' ``--eval-only``) and logs
+  the result; returns the exit status.
+
+  Raises:
+    DataError: the checkpoint does not exist.
+  """
+  if not os.path.exists(path):
+    raise DataError(f'--eval-only: checkpoint {path} does not exist')
+  niter = resume(net, path)
+  log(f'[{niter:09d}] ' + describe_eval(evaluate(net)))
+  return 0
+
 def _due(it, every):
   return every > 0 and it % every == 0
 

@@ -78,7 +78,7 @@ def _main(args):
     return training.evaluate(net, batches, stop)
 
   if args.eval_only:
-    return _eval_only(net, args.save, evaluate)
+    return training.eval_only(net, args.save, evaluate)
   sampler = data.Sampler(len(train_y), args.bsz, args.seed)
   lr = training.step_schedule(args.iters, ITERS, SCHEDULE)
 
@@ -87,14 +87,6 @@ def _main(args):
 
   return training.run(net, training.options(args, lr), batches, evaluate)
 
-
-def _eval_only(net, path, evaluate):
-  """Evaluates checkpoint ``path``; returns the exit status."""
-  if not os.path.exists(path):
-    raise data.DataError(f'--eval-only: checkpoint {path} does not exist')
-  niter = training.resume(net, path)
-  training.log(f'[{niter:09d}] ' + training.describe_eval(evaluate(net)))
-  return 0
 
 
 if __name__ == '__main__':

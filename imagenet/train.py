@@ -111,19 +111,11 @@ def _main(args):
     return training.evaluate(net, ((x, y) for _, x, y in stream), stop)
 
   if args.eval_only:
-    return _eval_only(net, args.save, evaluate)
+    return training.eval_only(net, args.save, evaluate)
   lr = training.step_schedule(args.iters, ITERS, SCHEDULE)
   return training.run(net, training.options(args, lr, args.split), batches,
                       evaluate)
 
-
-def _eval_only(net, path, evaluate):
-  """Validates checkpoint ``path``; returns the exit status."""
-  if not os.path.exists(path):
-    raise data.DataError(f'--eval-only: checkpoint {path} does not exist')
-  niter = training.resume(net, path)
-  training.log(f'[{niter:09d}] ' + training.describe_eval(evaluate(net)))
-  return 0
 
 
 def _build(args, specs, shape):
