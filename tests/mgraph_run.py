@@ -15,7 +15,9 @@ shares one process, so the tests run this script::
   it again to ``out + '.loaded.npz'``), runs one
   :func:`blpa.training.train_step` per batch of the ``data`` file (``x``,
   ``y``, ``lr``), saves ``out`` with state, and writes evaluations of
-  ``xe``/``ye`` to ``out + '.eval.npz'``;
+  ``xe``/``ye`` to ``out + '.eval.npz'``; ``stored_rows`` lists, for each
+  layer, the rows of its kept copy on each of this worker's devices after
+  the last update;
 * ``errors``: the messages of requests that must fail before training;
 * ``memory``: peak allocator bytes of one update of a CIFAR ResNet
   (``rblocks``, ``device_batch`` examples per device, ``qtype``) on
@@ -56,8 +58,19 @@ def train(job):
   net.save(job['out'], len(steps), state=True)
   variables = net.weights + net.momentum
   return {'steps': steps, 'replicas': net.replicas, 'worker': net.worker,
-          'device_batch': net.device_batch,
+          'device_batch': net.device_batch, 'stored_rows': _stored_rows(net),
           'identical': all(_same(v.values) for v in variables)}
+
+
+def _stored_rows(net):
+  """Rows of each layer's kept copy (codes or float copy) on each of this
+  worker's devices."""
+  rows = []
+  for saved in net.saved:
+    act = saved['act']
+    var = act if isinstance(act, tf.Variable) else act.var  # mgraph._Words
+    rows.append([int(copy.read_value().shape[0]) for copy in var.values])
+  return rows
 
 
 def _same(copies):

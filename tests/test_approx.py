@@ -553,3 +553,85 @@ def test_experiments_quick(tmp_path):
   assert experiments.main(["--quick", "--out", str(tmp_path)]) == 0
   for name in ("approx.md", "approx.json", "approx.png"):
     assert (tmp_path / name).stat().st_size > 0
+
+
+def test_experiments_main_runs_every_comparison(tmp_path, monkeypatch):
+  """experiments.main's own path with --quick (which comparisons, with what
+  networks, data, epochs, arms and seeds; the results and its three files),
+  each comparison replaced by a record of its call that returns a row per
+  arm; compare itself trains in test_experiment_compare_runs, the
+  communication process runs in test_experiments_communication_only."""
+  import json  # pylint: disable=import-outside-toplevel
+  from blpa.approx import experiments  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def compare(name, build, data, epochs, batch, lr, skip, arms=None, seed=0,
+              track_ratio=0.5):
+    model = build()
+    calls.append((name, model.input_shape[1:], data[0].shape[1:], epochs,
+                  batch, lr, skip, [tuple(a) for a in arms], seed,
+                  track_ratio))
+    return [dict(experiment=name, ratio=a[0],
+                 exact_tail=a[1] if a[0] < 1 else 0.0,
+                 exact_layers=experiments._skip_label(a[2])  # pylint: disable=protected-access
+                 if len(a) > 2 else None,
+                 macs_per_step=int(1e6 * a[0]), macs_saved=1 - a[0],
+                 schedule_macs_saved=(1 - a[0]) * (1 - a[1]),
+                 step_time_s=0.01, speedup=1.5, schedule_speedup=1.25,
+                 test_accuracy=0.9 - seed / 100, test_accuracy_raw=0.8)
+            for a in arms]
+
+  comm = dict(network="WRN-10-1", ratio=1 / 3, full_bytes=3e6,
+              compressed_bytes=1e6, saved=2 / 3, bit_identical=True)
+  asked = []
+  monkeypatch.setattr(experiments, "compare", compare)
+  monkeypatch.setattr(experiments, "_communication_subprocess",
+                      lambda args: asked.append((args.depth, args.width))
+                      or comm)
+  assert experiments.main(["--quick", "--mlp-seeds", "3", "4", "5",
+                           "--out", str(tmp_path)]) == 0
+  tail = experiments.EXACT_TAIL
+  mlp = "MLP 64-500-500-10, digits"
+  mlp_arms = [(1.0, 0.0), (0.5, 0.0), (0.33, 0.0), (0.5, 0.0, None),
+              (0.5, tail, None)]
+  wrn_arms = [(1.0, 0.0), (0.5, tail), (0.33, tail)]
+  assert calls == [
+      (f"{mlp}, seed 3", (64,), (64,), 1, 64, 0.05, "ends", mlp_arms, 3, 0.5),
+      (f"{mlp}, seed 4", (64,), (64,), 1, 64, 0.05, "ends", mlp_arms, 4,
+       None),
+      ("WRN-10-1, 1 epochs", (32, 32, 3), (32, 32, 3), 1, 32, 0.05, "ends",
+       wrn_arms, 0, 0.5),
+      ("WRN-10-2, 1 epochs", (32, 32, 3), (32, 32, 3), 1, 32, 0.05, "ends",
+       [(1.0, 0.0), (0.5, 0.0), (0.5, tail), (0.33, tail)], 0, 0.5)]
+  assert asked == [(10, 1)]
+  result = json.loads((tmp_path / "approx.json").read_text())
+  assert len(result["rows"]) == 2 * 5 + 3 + 4
+  assert result["communication"] == comm
+  assert result["command"] == ("python -m blpa.approx.experiments --quick "
+                               "--mlp-seeds 3 4 5 --out " + str(tmp_path))
+  text = (tmp_path / "approx.md").read_text()
+  assert "full 3.00 MB, compressed 1.00 MB (66.7% less)" in text
+  assert f"| {mlp} | 0.5 | 2 | 86.50% (86.50%) | 0.00 pt" in text
+  assert (tmp_path / "approx.png").stat().st_size > 0
+
+
+def test_experiments_communication_only():
+  """``--comm-only`` in a fresh process (two logical CPU devices), as main
+  runs it: the compressed all-reduce sends fewer bytes and gives the full
+  one's gradients bit for bit."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests.conftest import ROOT  # pylint: disable=import-outside-toplevel
+  proc = subprocess.run(
+      [sys.executable, "-m", "blpa.approx.experiments", "--comm-only",
+       "--depth", "10", "--width", "1"], capture_output=True, text=True,
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300,
+      check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  comm = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert comm["network"] == "WRN-10-1" and comm["bit_identical"] is True
+  assert 0 < comm["compressed_bytes"] < comm["full_bytes"]
+  assert comm["saved"] == pytest.approx(
+      1 - comm["compressed_bytes"] / comm["full_bytes"])

@@ -1,9 +1,11 @@
 """The benchmark's own logic (bench/): batch search, report, baselines,
-and each section's code path in a tiny configuration.
+and each section's and script's code path in a tiny configuration.
 
-These run in the default suite (each a few seconds); the benchmark itself
-is not run here, and timing one real approx_step configuration is marked
-slow.
+These run in the default suite (ResNet-5 or ResNet-11 on 8×8 or 32×32
+images, batches of 2 to 4; the memory section's one measurement is a fresh
+process); the benchmark itself is not run here. Marked slow: timing one
+real approx_step configuration, and the fidelity section with its
+training run (its at-init half runs here).
 """
 
 import contextlib
@@ -305,3 +307,96 @@ def test_breakdown_rows_add_up_to_the_peak_and_steps_are_counted():
   text = report.markdown(results)
   assert 'median of 3 interleaved steps after 1 warm-up steps' in text
   assert f'| **{20:.1f}** |' in text
+
+
+def test_memory_section_measures_in_a_fresh_process(tmp_path):
+  """The memory section's real path: run.Runner starts ``python -m
+  blpa.memory`` with the BFC allocator (ResNet-5, 8×8 images, batch 2),
+  and the row holds what the process measured for that configuration.
+  (max_batch_section measures through the same Runner.peak; its search is
+  checked with fake peaks above.)"""
+  cfg = dict(TINY, methods=['blpa_q4'], repeats=1, timeout_s=300)
+  runner = run.Runner(str(tmp_path), cfg, fresh=True)
+  out = run.memory_section(runner, cfg, [(1, 2)])
+  assert out['skipped'] == [], out
+  (row,) = out['runs']
+  net = models.build(models.cifar_resnet(1), [2, 8, 8, 3], qtype=4)
+  assert (row['method_key'], row['rblocks'], row['batch']) == (
+      'blpa_q4', 1, 2)
+  assert row['saved_bytes'] == sum(b for _, _, b in net.saved_bytes(2))
+  assert row['weight_bytes'] == memory.weight_bytes(net)
+  assert row['peak_bytes'] >= 2 * row['weight_bytes'] + row['saved_bytes']
+  assert sum(row['breakdown'][k] for k, _ in report.BREAKDOWN_LABELS) == (
+      row['peak_bytes'])
+  assert set(row['phase_peak_bytes']) == {'forward', 'backward'}
+  cached = json.loads((tmp_path / 'cache.json').read_text())
+  assert cached['peak/blpa_q4/r1/b2/s8']['peak_bytes'] == row['peak_bytes']
+
+
+def test_fidelity_section_at_init_in_a_tiny_configuration(tmp_path):
+  """The fidelity section without its training run (fid_train_iters 0),
+  the slow test's other half: every variant against the exact gradient at
+  init on ResNet-5, 8×8 synthetic images, and the report. Autodiff of the
+  same network is the exact gradient; blpa at 8 bits is close to it."""
+  cfg = dict(TINY, fid_train_iters=0)
+  runner = InProcessRunner(cfg)
+  fidelity = run.fidelity_section(runner, cfg)
+  assert runner.modules == ['bench.fidelity']
+  states = fidelity['synthetic']['states']
+  assert set(states) == {'init'}
+  init = states['init']
+  assert min(init['autodiff_exact']['layer_cosine']) > 0.9999
+  assert max(init['autodiff_exact']['layer_relative_error']) < 1e-4
+  assert min(init['blpa_q8']['layer_cosine']) > 0.99
+  results = _tiny_results(runner, fidelity=fidelity)
+  report.write(results, str(tmp_path))
+  assert 'Gradient fidelity' in (tmp_path / 'results.md').read_text()
+
+
+def test_quantizer_range_six_is_blpas_quantizer():
+  """bench/quantizer_range.py: its quantizer at range 6 gives blpa.quant's
+  codes and restored values (what makes its other ranges comparable), and
+  main prints the cosines of each range (ResNet-5, 8×8, batch 2)."""
+  from bench import quantizer_range  # pylint: disable=import-outside-toplevel
+  from blpa import quant  # pylint: disable=import-outside-toplevel
+  save, restore = quantizer_range.ranged_ops(6.0)
+  act = tf.random.normal([2, 3, 3, 8]) * 2
+  offset = tf.random.normal([8])
+  for bits in (4, 8):
+    codes = quant.save_act(act, offset, bits)
+    np.testing.assert_array_equal(save(act, offset, bits).numpy(),
+                                  codes.numpy())
+    for got, want in zip(restore(codes, offset, bits),
+                         quant.restore_act(codes, offset, bits)):
+      np.testing.assert_array_equal(got.numpy(), want.numpy())
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    quantizer_range.main(['--rblocks', '1', '--batch', '2', '--size', '8',
+                          '--ranges', '6'])
+  got = json.loads(out.getvalue().strip().splitlines()[-1])
+  for q in ('q8', 'q4'):
+    cosines = got['ranges']['6.0'][q]
+    assert -1 <= cosines['min_cosine'] <= cosines['median_cosine'] <= 1.0001
+
+
+def test_profile_step_tables_in_a_tiny_configuration(tmp_path):
+  """bench/profile_step.py on ResNet-11 at batch 2, one round: a section per
+  title (a second run replaces its own section, keeps the other), op time
+  by kind for every method, blpa's native ops only in blpa's steps."""
+  from bench import profile_step  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'profile.md'
+  profile_step.write_section(str(path), 'before', '## before\n\nold\n')
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    profile_step.main(['--rblocks', '1', '--batch', '2', '--rounds', '1',
+                       '--methods', 'keras', 'blpa_q4', '--title', 'after',
+                       '--out', str(path)])
+  text = path.read_text()
+  assert text.index('## before') < text.index('## after')
+  assert 'old' in text and 'ResNet-11, batch 2' in text
+  native = next(l for l in text.splitlines()
+                if l.startswith('| blpa native ops |'))
+  keras_s, blpa_s = (float(c) for c in native.strip('|').split('|')[1:])
+  assert keras_s == 0 and blpa_s > 0
+  assert profile_step.op_kind('Conv2DBackpropFilter') == 'conv'
+  assert profile_step.op_kind('BlpaBnReluGrad') == 'blpa native ops'

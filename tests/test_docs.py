@@ -117,3 +117,56 @@ def test_committed_results_say_when_where_and_how():
   readme = _read('README.md')
   for figure in re.findall(r'\| (\d\.\d\d)× \|', step):
     assert f'{figure}×' in readme, figure
+
+
+#: The Markdown files whose figures and images these tests check.
+DOC_FILES = ('README.md', 'bench/README.md', *sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs',
+                                                             '*.md'))))
+
+
+def test_every_image_is_shown_and_every_shown_image_exists():
+  """Each PNG under docs/ is shown by a Markdown file (none left without a
+  place that says where it comes from), and each image a Markdown file
+  shows exists."""
+  shown = set()
+  for name in DOC_FILES:
+    folder = os.path.dirname(os.path.join(ROOT, name))
+    for target in re.findall(r'!\[[^\]]*\]\(([^)\s]+)\)', _read(name)):
+      path = os.path.normpath(os.path.join(folder, target))
+      assert os.path.exists(path), f'{name} shows {target}: no such file'
+      shown.add(path)
+  unshown = sorted(os.path.relpath(p, ROOT) for p in glob.glob(
+      os.path.join(ROOT, 'docs', '*.png')) if os.path.normpath(p) not in shown)
+  assert not unshown, f'images under docs/ that no Markdown file shows: ' \
+      f'{unshown}'
+
+
+def test_no_figure_is_from_an_output_that_was_not_kept():
+  """The README and docs/ cite committed outputs; a figure whose output
+  was "not kept" has no source."""
+  for name in DOC_FILES:
+    found = re.findall(r'[^.]*\bnot\s+kept\b[^.]*', _read(name))
+    assert not found, f'{name}: {found}'
+
+
+def test_demo_curves_come_from_the_committed_logs():
+  """docs/demo_curves.png is plotted from bench/results/demo_q0.jsonl and
+  demo_q4.jsonl (README, demo.md), whose final running-statistics
+  accuracies are the README's 0.9944 (exact) and 0.9917 (4 bits)."""
+  import json  # pylint: disable=import-outside-toplevel
+  final = {}
+  for q in (0, 4):
+    rows = [json.loads(l) for l in _read(
+        'bench', 'results', f'demo_q{q}.jsonl').splitlines() if l.strip()]
+    final[q] = [r for r in rows if 'val_acc_running' in r][-1]
+    assert final[q]['iter'] == 600
+  readme = _read('README.md')
+  assert (f"(test accuracy {final[0]['val_acc_running']:.4f} and "
+          f"{final[4]['val_acc_running']:.4f} with running BN statistics"
+          ) in readme
+  assert 'bench/results/demo_q0.jsonl' in readme
+  demo = _read('bench', 'results', 'demo.md')
+  assert ('python -m blpa.plot bench/results/demo_q0.jsonl '
+          'bench/results/demo_q4.jsonl') in demo
+  assert '-o docs/demo_curves.png' in demo

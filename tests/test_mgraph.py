@@ -154,6 +154,18 @@ def test_update_equals_graph_with_devices_times_multi(folder, local, qtype,
   _assert_matches(name, _reference(folder, qtype, multi))
 
 
+@pytest.mark.parametrize('qtype,multi', CASES)
+def test_each_device_keeps_only_its_shard(local, qtype, multi):
+  """Every layer's copy on each device holds that device's sub-batch
+  (batch / (devices x multi) rows), not the batch: a device's memory for
+  copies is one shard's. (The allocator peak per worker: the slow
+  test_memory_per_device_is_that_of_one_shard.)"""
+  result = local[f'q{qtype}_k{multi}']
+  assert 'error' not in result, result
+  shard = BATCH // (DEVICES * multi)
+  assert result['stored_rows'] == [[shard] * DEVICES] * len(SPECS)
+
+
 def test_evaluation_is_over_the_whole_batch(folder, local):
   """Accuracy/loss are whole-batch means; predictions keep x's order."""
   assert 'error' not in local['q0_k1']
@@ -227,6 +239,7 @@ def test_two_workers_train_as_one_process(folder, local):
   for i, result in enumerate(results):
     assert 'error' not in result, result
     assert (result['worker'], result['replicas']) == (i, 2)
+    assert result['stored_rows'] == [[BATCH // 4]] * len(SPECS), result
   assert programs.differing_keys(f'{folder}/worker0.npz',
                                  f'{folder}/worker1.npz') == []
   _assert_matches(f'{folder}/worker0.npz', _reference(folder, 4, 2))
