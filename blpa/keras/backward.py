@@ -7,6 +7,8 @@ They use TensorFlow's own gradient kernels, so at ``bits=0`` they give the
 gradients Keras computes.
 """
 
+import contextlib
+
 import tensorflow as tf
 
 
@@ -47,13 +49,213 @@ def conv2d(layer, x_shape, x, kernel, dy):
   args = _conv_args(layer)
   dk = None
   if x is not None:
-    dk = tf.raw_ops.Conv2DBackpropFilter(input=x,
-                                         filter_sizes=tf.shape(kernel),
-                                         out_backprop=dy, **args)
-  with _after(dk):
+    with low_memory_kernels(dy):
+      dk = tf.raw_ops.Conv2DBackpropFilter(input=x,
+                                           filter_sizes=tf.shape(kernel),
+                                           out_backprop=dy, **args)
+  with _after(dk), low_memory_kernels(dy):
     dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=x_shape, filter=kernel,
                                         out_backprop=dy, **args)
   return dx, dk
+
+
+#: The CPU kernels of ``Conv2DBackpropFilter``/``Conv2DBackpropInput`` that
+#: hold no im2col block (TensorFlow registers them under this label).
+_LOW_MEMORY_LABELS = {'Conv2DBackpropFilter': 'eigen_tensor',
+                      'Conv2DBackpropInput': 'eigen_tensor'}
+#: A Conv2D whose output gradient has at least this many bytes computes its
+#: gradients with those kernels (smaller ones, as in the tests' tiny
+#: models, keep TensorFlow's default kernels: Keras's own numbers).
+LOW_MEMORY_KERNEL_BYTES = 2**20
+
+
+def low_memory_kernels(dy):
+  """Context in which a Conv2D's gradient ops run TensorFlow's
+  ``eigen_tensor`` CPU kernels, when ``dy`` is large.
+
+  TensorFlow's default CPU kernels of both ops (oneDNN off; and in half
+  precision also with oneDNN on, where oneDNN does not take them on a CPU
+  without bfloat16 instructions) unfold the input into an im2col block of
+  about 30 MiB (its L3 target, ``(30 << 20) / sizeof(T)`` values, whatever
+  the batch): 27 MiB of the compressed ResNet-20's 75 MiB peak at batch
+  128, 24 MiB for the input gradient in bfloat16. The ``eigen_tensor``
+  kernels of the same ops (Eigen's spatial-convolution backward) hold
+  none for the kernel gradient and one output-sized block for the input
+  gradient. When oneDNN takes the op (float32, oneDNN on), its own kernel
+  runs and the label is ignored. No effect in eager mode, on a GPU, or
+  for small tensors (:data:`LOW_MEMORY_KERNEL_BYTES`).
+  """
+  shape = dy.shape
+  small = (not shape.is_fully_defined() or
+           shape.num_elements() * dy.dtype.size < LOW_MEMORY_KERNEL_BYTES)
+  if small or tf.executing_eagerly() or _has_gpu():
+    return contextlib.nullcontext()
+  # A private Graph method (TF 2.x); without it, TF's default kernels run.
+  label_map = getattr(tf.compat.v1.get_default_graph(), '_kernel_label_map',
+                      None)
+  if label_map is None:  # pragma: no cover (a TensorFlow without it)
+    return contextlib.nullcontext()
+  return label_map(_LOW_MEMORY_LABELS)
+
+
+def _has_gpu():
+  return bool(tf.config.list_logical_devices('GPU'))
+
+
+#: Bytes that one chunk of a Conv2D's kernel gradient may hold: restored
+#: input rows and output-gradient rows (:func:`conv2d_bytes_per_example`).
+CONV_CHUNK_BYTES = 4 * 2**20
+#: A Conv2D's kernel gradient is computed in chunks only when the whole
+#: batch's working set (same estimate) exceeds this many bytes.
+CONV_CHUNK_THRESHOLD = 8 * 2**20
+
+
+def conv2d_bytes_per_example(layer, input_shape, dtype):
+  """Working set of a Conv2D's kernel gradient per example, in bytes.
+
+  With :func:`low_memory_kernels`, ``Conv2DBackpropFilter`` holds no
+  buffer of its own: what a chunk adds is the restored input rows (in the
+  compute dtype; a narrower one is cast from the codecs' float32 restore,
+  so both count) and the slice of the output gradient.
+
+  Args:
+    layer: the ``keras.layers.Conv2D`` (channels_last).
+    input_shape: static ``[N, H, W, C]`` of its input.
+    dtype: the compute dtype.
+
+  Returns:
+    int bytes, or None when ``H``, ``W`` or ``C`` is not static.
+  """
+  _, h, w, c = tf.TensorShape(input_shape).as_list()
+  if None in (h, w, c):
+    return None
+  (kh, kw), (sh, sw) = layer.kernel_size, layer.strides
+  if layer.padding == 'same':
+    ho, wo = -(-h // sh), -(-w // sw)
+  else:
+    ho, wo = (h - kh) // sh + 1, (w - kw) // sw + 1
+  size = tf.as_dtype(dtype).size
+  x_bytes = h * w * c * (size + (4 if size < 4 else 0))
+  return x_bytes + ho * wo * layer.filters * size
+
+
+def conv2d_chunk_rows(layer, input_shape, dtype):
+  """Examples per chunk of a Conv2D's kernel gradient (None: one pass).
+
+  The peak of a compressed step is the kept copies plus one layer's
+  backward working set. With :func:`low_memory_kernels`, a Conv2D's
+  input-gradient phase holds the incoming gradient, the input gradient
+  and Eigen's output-sized block (3 activations: 8 MiB each on the first
+  stage of the CIFAR ResNet-20 at batch 128, float32), next to the other
+  branch's gradient at a residual join. Its kernel-gradient phase holds
+  the incoming gradient and the whole restored input (in half precision
+  also its float32 restore). In chunks of at most
+  :data:`CONV_CHUNK_BYTES` (4 MiB: half an activation there, and still
+  thousands of output pixels per matrix product) the restored input costs
+  less than one activation, so the kernel-gradient phase stays below the
+  input-gradient phase. Layers whose whole-batch working set is at most
+  :data:`CONV_CHUNK_THRESHOLD` (8 MiB, two chunks) are computed in one
+  pass: chunking them saves at most 4 MiB and costs loop steps.
+
+  Args:
+    layer: the ``keras.layers.Conv2D``.
+    input_shape: static shape of its input (the batch may be unknown).
+    dtype: the compute dtype.
+
+  Returns:
+    int rows per chunk (chunks of equal size, the last one smaller), or
+    None for one pass (small working set, dilated kernel, unknown
+    shapes). With an unknown batch size the layer is always chunked.
+  """
+  if max(layer.dilation_rate) > 1 or layer.data_format != 'channels_last':
+    return None
+  per = conv2d_bytes_per_example(layer, input_shape, dtype)
+  if per is None:
+    return None
+  n = tf.TensorShape(input_shape)[0]
+  if n is None:
+    return max(1, CONV_CHUNK_BYTES // per)
+  if n * per <= CONV_CHUNK_THRESHOLD:
+    return None
+  chunks = -(-n * per // CONV_CHUNK_BYTES)
+  rows = -(-n // chunks)
+  return rows if rows < n else None
+
+
+def conv2d_chunked(layer, x_shape, x_rows, kernel, dy, rows):
+  """Conv2D as :func:`conv2d`, the kernel gradient summed over chunks of
+  the batch (the input is restored one chunk at a time, never whole).
+
+  Args:
+    layer: the ``keras.layers.Conv2D`` (no dilation).
+    x_shape: int32 shape of the input.
+    x_rows: ``x_rows(start, stop)``: rows ``start:stop`` of the restored
+      input, in the compute dtype.
+    kernel: the kernel read in the forward pass.
+    dy: gradient of the output (before the bias add).
+    rows: examples per chunk (:func:`conv2d_chunk_rows`).
+
+  Returns:
+    ``(dx, dkernel)``.
+  """
+  args = _conv_args(layer)
+  filter_sizes = tf.shape(kernel)
+
+  def chunk(start, stop):
+    x = x_rows(start, stop)
+    with low_memory_kernels(dy):  # the loop body is a graph of its own
+      return tf.raw_ops.Conv2DBackpropFilter(
+          input=x, filter_sizes=filter_sizes, out_backprop=dy[start:stop],
+          **args)
+
+  dk = chunked_sum(chunk, x_shape[0], rows, kernel.shape, kernel.dtype,
+                   after=[dy])
+  with _after(dk), low_memory_kernels(dy):
+    dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=x_shape, filter=kernel,
+                                        out_backprop=dy, **args)
+  return dx, dk
+
+
+def chunked_sum(fn, n, rows, shape, dtype, after=()):
+  """``fn(0, rows) + fn(rows, 2*rows) + ...`` up to ``n``, one chunk at a
+  time, accumulated in float32.
+
+  The chunks run in a ``tf.while_loop`` with ``parallel_iterations=1``, so
+  in ``tf.function`` only one chunk's tensors are alive at a time. The
+  loop counter starts only once the ``after`` tensors are computed: TF's
+  executor runs a loop body's ops as soon as their own inputs are ready,
+  so without it the first chunk's restore (which needs only the counter
+  and the copy) ran in the forward pass and its output stayed alive until
+  the gradient arrived (2 MiB per chunked layer on the ResNet-20, and the
+  step's peak rose from 46 to 62 MiB over four steps).
+
+  Args:
+    fn: ``fn(start, stop)`` (int32 scalars) returning a tensor of ``shape``.
+    n: the number of rows (int or int32 scalar).
+    rows: rows per chunk (Python int >= 1).
+    shape: static shape of the sum.
+    dtype: dtype of the result.
+    after: tensors the first chunk waits for (the gradient it reads).
+
+  Returns:
+    The sum, cast to ``dtype``.
+  """
+  if rows < 1:
+    raise ValueError(f'chunked_sum needs rows >= 1, got {rows}')
+  n = tf.cast(n, tf.int32)
+  count = (n + rows - 1) // rows
+  with tf.control_dependencies(list(after)):
+    first = tf.constant(0) + 0  # an op, so that it waits
+
+  def body(i, total):
+    start = i * rows
+    stop = tf.minimum(start + rows, n)
+    return i + 1, total + tf.cast(fn(start, stop), tf.float32)
+
+  _, total = tf.while_loop(lambda i, _: i < count, body,
+                           (first, tf.zeros(shape, tf.float32)),
+                           parallel_iterations=1)
+  return tf.cast(total, dtype)
 
 
 def depthwise_conv2d(layer, x_shape, x, kernel, dy):
@@ -93,9 +295,11 @@ def separable_conv2d(layer, x_shape, x, kernels, dy):
   if x is not None:
     mid = tf.raw_ops.DepthwiseConv2dNative(input=x, filter=depthwise,
                                            **_conv_args(layer))
-    dpoint = tf.raw_ops.Conv2DBackpropFilter(
-        input=mid, filter_sizes=tf.shape(pointwise), out_backprop=dy, **point)
-  with _after(dpoint):
+    with low_memory_kernels(dy):
+      dpoint = tf.raw_ops.Conv2DBackpropFilter(
+          input=mid, filter_sizes=tf.shape(pointwise), out_backprop=dy,
+          **point)
+  with _after(dpoint), low_memory_kernels(dy):
     dmid = tf.raw_ops.Conv2DBackpropInput(input_sizes=mid_shape,
                                           filter=pointwise, out_backprop=dy,
                                           **point)
@@ -375,9 +579,10 @@ def _conv_undilated(rank, strides, padding, x_shape, x, kernel, dy):
     args['dilations'] = [1] * (len(strides) + 2)
   dk = None
   if x is not None:
-    dk = backprop_filter(input=x, filter_sizes=tf.shape(kernel),
-                         out_backprop=dy, **args)
-  with _after(dk):
+    with low_memory_kernels(dy):
+      dk = backprop_filter(input=x, filter_sizes=tf.shape(kernel),
+                           out_backprop=dy, **args)
+  with _after(dk), low_memory_kernels(dy):
     dx = backprop_input(input_sizes=x_shape, filter=kernel, out_backprop=dy,
                         **args)
   if rank == 1:

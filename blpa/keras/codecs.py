@@ -6,6 +6,13 @@ approximation of it (:class:`MinMax`: ``bits`` per value, per-channel
 minimum and maximum). Boolean masks (ReLU, Dropout) are packed eight to a
 byte by :mod:`blpa.masks`. The K-bit codes are those of :mod:`blpa.quant`
 (native ops when built, else its pure-TF fallback).
+
+Every codec here also restores a slice of the batch, ``restore_rows(start,
+stop)`` (rows ``start:stop`` of the first axis, equal to
+``restore()[start:stop]``) without making the whole tensor: the codes are
+``[N, ...]`` like the tensor, so a slice of the codes restores a slice of
+the tensor. A Conv2D's kernel gradient uses it to run over the batch in
+chunks (:func:`blpa.keras.backward.conv2d_chunked`).
 """
 
 import math
@@ -47,6 +54,10 @@ class Exact:
 
   def restore(self):
     return self.x
+
+  def restore_rows(self, start, stop):
+    """Rows ``start:stop`` of the batch (a slice of the tensor)."""
+    return self.x[start:stop]
 
   def tensors(self):
     """The tensors made for the copy (none: it is the tensor itself)."""
@@ -91,6 +102,17 @@ class MinMax:
     x.set_shape(self.static_shape)
     return x
 
+  def restore_rows(self, start, stop):
+    """Rows ``start:stop`` of the batch, restored from those rows'
+    codes only."""
+    approx, _ = quant.restore_act(self.codes[start:stop], self.zero,
+                                  self.bits)
+    x = tf.reshape(approx * (self.half / 3.0) + self.mid,
+                   rows_shape(self.shape, start, stop))
+    x = tf.cast(x, self.dtype)
+    x.set_shape(tf.TensorShape([None]).concatenate(self.static_shape[1:]))
+    return x
+
 
 class Zeros:
   """Keeps only a tensor's shape and dtype; restores zeros (the input of an
@@ -105,6 +127,10 @@ class Zeros:
     x = tf.zeros(self.shape, self.dtype)
     x.set_shape(self.static_shape)
     return x
+
+  def restore_rows(self, start, stop):
+    """Zeros of rows ``start:stop``."""
+    return tf.zeros(rows_shape(self.shape, start, stop), self.dtype)
 
   def tensors(self):
     return []
@@ -129,9 +155,28 @@ class Padded:
   def restore(self):
     return tf.pad(self.inner.restore(), self.paddings)
 
+  def restore_rows(self, start, stop):
+    """Rows ``start:stop`` of the padded tensor."""
+    return tf.pad(self.inner.restore_rows(start, stop), self.paddings)
+
   def tensors(self):
     """The inner copy's tensors."""
     return self.inner.tensors()
+
+
+def restores_rows(codec):
+  """Whether ``codec`` (and any codec it wraps, ``.inner``) restores slices
+  of the batch (``restore_rows``)."""
+  while codec is not None:
+    if not callable(getattr(codec, 'restore_rows', None)):
+      return False
+    codec = getattr(codec, 'inner', None)
+  return True
+
+
+def rows_shape(shape, start, stop):
+  """``shape`` (an int32 shape) with its first dimension ``stop - start``."""
+  return tf.concat([tf.reshape(stop - start, [1]), shape[1:]], 0)
 
 
 def make(x, bits):

@@ -24,7 +24,8 @@ import tensorflow as tf
 from keras.src import backend as keras_backend
 from keras.src import tree
 
-from blpa.keras import codecs, plan as plan_lib, wrappers
+from blpa.keras import activations as activations_lib, attention, codecs, \
+    norm as norm_lib, plan as plan_lib, wrappers
 
 
 class ActOf:
@@ -42,6 +43,11 @@ class ActOf:
     out = tf.nn.relu(self.inner.restore())
     return tf.minimum(out, tf.cast(6.0, out.dtype)) if self.act == 'relu6' \
         else out
+
+  def restore_rows(self, start, stop):
+    """Rows ``start:stop`` of :meth:`restore` (the BN copy restores the
+    activation's output directly)."""
+    return self.inner.restore_rows(start, stop, act=self.act)
 
   def tensors(self):
     return []
@@ -199,7 +205,7 @@ class Interceptor:
     except Exception as err:  # pylint: disable=broad-except
       step = plan_lib.Step('ordinary', None, reason=f'analysis failed: {err}')
     single = len(tensors) == 1 and len(args) == 1 and args[0] is tensors[0]
-    if step.kind not in ('generic', 'ordinary', 'add', 'concat') and \
+    if step.kind not in ('generic', 'ordinary', 'add', 'concat', 'mha') and \
         not single:
       step = plan_lib.Step('ordinary', None,
                            reason='called with several tensor arguments')
@@ -210,7 +216,8 @@ class Interceptor:
       self.record.append(dict(layer=layer, step=step,
                               copies=self.registry.made[made:],
                               inputs=[tf.TensorSpec(t.shape, t.dtype)
-                                      for t in tensors]))
+                                      for t in tensors],
+                              output_shape=getattr(out, 'shape', None)))
     return out
 
   def _run_kind(self, step, layer, original, args, kwargs, template,
@@ -229,7 +236,14 @@ class Interceptor:
       codec = registry.copy_of(x) if plan_lib.kernels_trained(
           kind, layer) else None
       return wrappers.run_linear(kind, layer, x, codec, call=original,
-                                 act=step.act)
+                                 act=step.act, bits=bits)
+    if kind in norm_lib.KINDS:
+      out, copy = norm_lib.run_norm(layer, kind, x, bits, call=original)
+      registry.put(out, copy)  # the layers that read ``out`` share it
+      return out
+    if kind == 'smooth_act':
+      return activations_lib.run_activation(layer, x, step.act, bits,
+                                            call=original)
     if kind == 'relu':
       out = wrappers.run_masked(layer, x, wrappers.relu_keep(step.act),
                                 call=original)
@@ -256,6 +270,14 @@ class Interceptor:
       return wrappers.run_shape_op(
           kind, layer, xs, codec,
           call=lambda v: original(v, *args[1:], **kwargs))
+    if kind == 'mha':
+      query, value, key, rest = attention.bind(args, kwargs)
+      step.shapes = (query.shape, value.shape,
+                     attention.dropout_on(layer, rest))
+      return attention.run_attention(layer, query, value, key, rest,
+                                     registry.copy_of, bits)
+    if kind == 'softmax':
+      return attention.run_softmax(layer, x, bits, call=original)
     if kind == 'generic':
       kept = [registry.copy_of(t) for t in tensors]
       # The recompute runs outside Layer.__call__: in the same autocast

@@ -18,8 +18,8 @@ import keras
 import tensorflow as tf
 from keras.src import tree
 
-from blpa.keras import codecs, leaves as leaves_lib, plan as plan_lib, \
-    wrappers
+from blpa.keras import activations as activations_lib, attention, codecs, \
+    leaves as leaves_lib, norm as norm_lib, plan as plan_lib, wrappers
 
 BITS = (0, 4, 8)
 
@@ -97,7 +97,14 @@ def _run_step(step, run, training, plan):
   if kind in plan_lib.LINEAR_KINDS:
     codec = run.copy_of(node.input_tensors[0]) if plan_lib.kernels_trained(
         kind, op) else None
-    return [wrappers.run_linear(kind, op, xs[0], codec, act=step.act)]
+    return [wrappers.run_linear(kind, op, xs[0], codec, act=step.act,
+                                bits=run.bits)]
+  if kind in norm_lib.KINDS:
+    out, copy = norm_lib.run_norm(op, kind, xs[0], run.bits)
+    run.copies[id(node.outputs[0])] = copy  # its readers share it
+    return [out]
+  if kind == 'smooth_act':
+    return [activations_lib.run_activation(op, xs[0], step.act, run.bits)]
   if kind == 'relu':
     return [wrappers.run_masked(op, xs[0], wrappers.relu_keep(step.act))]
   if kind == 'dropout':
@@ -117,11 +124,31 @@ def _run_step(step, run, training, plan):
     return [wrappers.run_shape_op(kind, op, xs, codec)]
   if kind == 'model':
     return _run_nested(step, run, training, plan)
+  if kind == 'mha':
+    return tree.flatten(_run_attention(node, run, training))
+  if kind == 'softmax':
+    return [attention.run_softmax(op, xs[0], run.bits)]
   if kind in ('generic', 'linear_op'):
     return tree.flatten(_run_generic(node, run, training,
                                      zeros=kind == 'linear_op'))
   args, kwargs = _filled(node, run.values, training)
   return tree.flatten(op(*args, **kwargs))
+
+
+def _run_attention(node, run, training):
+  """A MultiHeadAttention node with its analytic backward
+  (:func:`blpa.keras.attention.run_attention`); recomputed from copies of
+  its inputs when its dropout depends on a training flag that is a tensor."""
+  args, kwargs = _filled(node, run.values, training)
+  query, value, key, rest = attention.bind(args, kwargs)
+  training_flag = rest.get('training')
+  if node.operation.dropout > 0 and not isinstance(training_flag,
+                                                   (bool, type(None))):
+    return _run_generic(node, run, training)
+  by_value = {id(run.values[id(kt)]): kt for kt in node.input_tensors}
+  return attention.run_attention(
+      node.operation, query, value, key, rest,
+      lambda t: run.copy_of(by_value[id(t)]), run.bits)
 
 
 def _run_generic(node, run, training, zeros=False):

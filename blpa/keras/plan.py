@@ -12,7 +12,8 @@ from typing import Any, Optional
 import keras
 import tensorflow as tf
 
-from blpa.keras import backward
+from blpa.keras import activations as activations_lib, attention, \
+    backward, einsum, norm
 
 L = keras.layers
 
@@ -25,7 +26,10 @@ SHAPE_KINDS = ('add', 'concat', 'zeropad', 'crop', 'reshape', 'gap',
                'avgpool', 'upsampling', 'gap1d', 'avgpool1d')
 #: Layers with kernels and an analytic backward (:func:`kernels_of`).
 LINEAR_KINDS = ('conv2d', 'depthwise', 'separable', 'dense', 'conv1d',
-                'conv3d', 'conv2d_transpose')
+                'conv3d', 'conv2d_transpose', 'einsum_dense')
+#: Relu-like activations of a linear layer, kept as a 1-bit mask (any other
+#: ``Step.act`` of a linear layer is a smooth one, :mod:`activations`).
+MASK_ACTS = ('relu', 'relu6')
 #: Max pools: argmax from the restored input, or from a 1-bit mask.
 MAX_POOL_KINDS = ('maxpool', 'maxpool_mask', 'maxpool_offsets', 'maxpool1d')
 #: Keras ops (``keras.ops``, not layers) that are linear in their float
@@ -47,6 +51,11 @@ class Step:
   Attributes:
     kind: ``'bn_act'``, ``'act_done'`` (a ReLU run by the BN before it),
       ``'conv2d'``, ``'depthwise'``, ``'separable'``, ``'dense'``,
+      ``'einsum_dense'``, ``'layernorm'``, ``'rmsnorm'``, ``'smooth_act'``
+      (an ``Activation`` of :func:`blpa.keras.activations.name_of`),
+      ``'embedding'`` (Keras's gradient, which keeps only the indices),
+      ``'mha'`` (a MultiHeadAttention, :mod:`blpa.keras.attention`),
+      ``'softmax'`` (a Softmax layer over the last axis),
       ``'relu'``, ``'maxpool'``,
       ``'dropout'``, one of :data:`SHAPE_KINDS`, ``'model'`` (a nested
       functional model), ``'descend'`` (a custom layer whose sublayers get
@@ -54,15 +63,19 @@ class Step:
     node: the Keras node (for a call seen by :mod:`blpa.keras.leaves`, a
       :class:`CallView`).
     act: for ``'bn_act'`` and the linear kinds: ``None``, ``'relu'`` or
-      ``'relu6'`` (for a linear layer, its own ``activation``).
+      ``'relu6'`` (for a linear layer, its own ``activation``); for Dense,
+      EinsumDense and ``'smooth_act'`` also a smooth activation's name.
     act_node: for ``'bn_act'`` with an activation: the activation's node.
     reason: why a node is generic or ordinary (empty otherwise).
+    shapes: for an ``'mha'`` call seen by :mod:`blpa.keras.leaves`:
+      ``(query shape, value shape, dropout on)`` (for the report).
   """
   kind: str
   node: Any
   act: Optional[str] = None
   act_node: Any = None
   reason: str = ''
+  shapes: Any = None
 
   @property
   def layer(self):
@@ -117,7 +130,8 @@ class CallView:
 
 def linear_act(op):
   """``''`` for a layer without activation, ``'relu'``/``'relu6'`` for
-  those, None for any other activation."""
+  those, the :func:`blpa.keras.activations.name_of` name of a known smooth
+  one (``'gelu'``, ``'silu'``, ...), None for any other activation."""
   act = getattr(op, 'activation', None)
   if act is None or act is keras.activations.linear:
     return ''
@@ -125,7 +139,7 @@ def linear_act(op):
     return 'relu'
   if act is keras.activations.relu6:
     return 'relu6'
-  return None
+  return activations_lib.name_of(act)
 
 
 def dtype_name(t):
@@ -143,10 +157,14 @@ def _dtype_reason(op, node):
   return ''
 
 
-def _plain_weights(op):
-  """Why a layer's kernel cannot take the analytic path ('' if it can)."""
-  if linear_act(op) is None:
-    return 'activation inside the layer (not relu/relu6)'
+def _plain_weights(op, smooth=False):
+  """Why a layer's kernel cannot take the analytic path ('' if it can);
+  ``smooth``: whether its wrapper takes smooth activations (Dense and
+  EinsumDense do)."""
+  act = linear_act(op)
+  if act is None or (act and act not in MASK_ACTS and not smooth):
+    return ('activation inside the layer (not relu/relu6' +
+            (' or a known smooth one)' if smooth else ')'))
   if getattr(op, 'lora_enabled', False):
     return 'LoRA enabled'
   if getattr(op, 'quantization_mode', None):
@@ -320,12 +338,28 @@ def _node_step(op, node, consumers, outputs, bits):
   return step_of(op, node)
 
 
+def _attention_kind(op, node):
+  """``(kind, reason)``: ``'mha'`` for a MultiHeadAttention, ``'softmax'``
+  for a Softmax or ``Activation('softmax')`` layer (``reason`` '' when
+  :mod:`blpa.keras.attention` supports the call), else ``(None, '')``."""
+  kwargs = node.arguments.kwargs
+  if isinstance(op, L.MultiHeadAttention):
+    return 'mha', attention.attention_reason(op, kwargs, node.input_tensors)
+  why = attention.softmax_reason(op, kwargs, node.input_tensors)
+  return (None, '') if why is None else ('softmax', why)
+
+
 def step_of(op, node):
   """The :class:`Step` of one call of a leaf layer (no sublayers)."""
   if isinstance(op, L.BatchNormalization):
     reason = _bn_reason(op, node)
     return Step('ordinary', node, reason=reason) if reason else Step(
         'bn_act', node)
+  if isinstance(op, L.Embedding) and type(op).call is L.Embedding.call:
+    return Step('embedding', node)  # a gather keeps only its indices
+  attention_kind, attention_why = _attention_kind(op, node)
+  if attention_kind and not attention_why:
+    return Step(attention_kind, node)
   reason = _dtype_reason(op, node)
   if reason:
     return Step('ordinary', node, reason=reason)
@@ -334,9 +368,21 @@ def step_of(op, node):
     if not reason:
       return Step(_CONV_KINDS[type(op)], node, act=linear_act(op) or None)
   elif isinstance(op, L.Dense) and type(op) is L.Dense:
-    reason = _plain_weights(op)
+    reason = _plain_weights(op, smooth=True)
     if not reason:
       return Step('dense', node, act=linear_act(op) or None)
+  elif type(op) is L.EinsumDense:
+    reason = einsum.reason(op.equation) or _plain_weights(op, smooth=True)
+    if not reason:
+      return Step('einsum_dense', node, act=linear_act(op) or None)
+  elif norm.kind_of(op):
+    reason = norm.reason(op, node.input_tensors)
+    if not reason:
+      return Step(norm.kind_of(op), node)
+  elif isinstance(op, L.Activation) and activations_lib.name_of(
+      op.activation):
+    return Step('smooth_act', node, act=activations_lib.name_of(
+        op.activation))
   elif relu_kind(op):
     return Step('relu', node, act=relu_kind(op))
   else:
@@ -346,7 +392,8 @@ def step_of(op, node):
     if not isinstance(op, keras.layers.Layer) and \
         type(op).__name__ in LINEAR_OPS:
       return Step('linear_op', node)
-    reason = f'{type(op).__name__} has no analytic backward here'
+    reason = attention_why or \
+        f'{type(op).__name__} has no analytic backward here'
   why_not = _generic_reason(op, node)
   if why_not:
     return Step('ordinary', node, reason=why_not)

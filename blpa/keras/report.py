@@ -12,8 +12,8 @@ import math
 
 import tensorflow as tf
 
-from blpa.keras import codecs, kept as kept_lib, leaves as leaves_lib, \
-    plan as plan_lib
+from blpa.keras import attention, codecs, kept as kept_lib, \
+    leaves as leaves_lib, norm as norm_lib, plan as plan_lib
 
 EAGER_NOTE = (
     'Eager mode (run_eagerly=True, or a GradientTape loop without '
@@ -28,6 +28,12 @@ _WHAT = {
     'separable': 'analytic SeparableConv2D backward (depthwise output '
                  'recomputed)',
     'dense': 'analytic Dense backward',
+    'einsum_dense': 'analytic EinsumDense backward',
+    'layernorm': 'analytic LayerNormalization backward',
+    'rmsnorm': 'analytic RMSNormalization backward',
+    'smooth_act': "the activation's derivative",
+    'embedding': 'indices only (ordinary gradient: a gather keeps its '
+                 'indices)',
     'maxpool': 'MaxPoolGrad on the restored input',
     'maxpool_mask': 'argmax mask (1 bit per input value)',
     'maxpool_offsets': 'argmax offset in its window (1 byte per output)',
@@ -39,6 +45,9 @@ _WHAT = {
     'conv2d_transpose': 'analytic Conv2DTranspose backward',
     'relu': 'mask (1 bit per value)',
     'dropout': 'mask (1 bit per value)',
+    'mha': 'analytic attention backward: codes of Qs, K, V and the heads, '
+           'row codes of the probabilities, dropout mask (1 bit)',
+    'softmax': 'row codes of its output',
     'model': 'nested model (its layers are listed)',
     'act_done': 'run with the BatchNormalization before it',
     'generic': 'generic: recomputed from copies of its inputs',
@@ -66,6 +75,39 @@ def _outer_links(steps):
   return links
 
 
+def kind_label(step):
+  """A step's kind as the report shows it: a linear layer's smooth
+  activation is appended (``'dense+gelu'``)."""
+  if step.kind in plan_lib.LINEAR_KINDS and step.act and \
+      step.act not in plan_lib.MASK_ACTS:
+    return f'{step.kind}+{step.act}'
+  return step.kind
+
+
+def own_bytes(step, layer, bits, in_shape, out_shape, itemsize=4):
+  """``(bytes, text)`` of what a normalization or smooth activation keeps
+  itself (``(0, '')`` for other steps); ``layer`` is the step's layer."""
+  tokens = math.prod(in_shape[:-1])
+  if step.kind in norm_lib.KINDS:
+    if not bits:
+      return (2 * codecs.copy_bytes(in_shape, 0, itemsize) * in_shape[0],
+              '; exact input and output (its readers share the output)')
+    stats = 2 if getattr(layer, 'rms_scaling', False) else 1
+    return (codecs.copy_bytes(in_shape, bits) * in_shape[0] +
+            4 * stats * tokens,
+            f'; {bits}-bit codes of the normalized values + per-token rstd '
+            '(its readers share them)')
+  smooth = step.act and step.act not in plan_lib.MASK_ACTS
+  if step.kind == 'smooth_act' or (
+      step.kind in plan_lib.LINEAR_KINDS and smooth):
+    shape = out_shape if step.kind != 'smooth_act' else in_shape
+    size = codecs.copy_bytes(shape, bits, itemsize) * shape[0]
+    what = f'{bits}-bit codes of {step.act}\'' if bits else \
+        f'exact pre-activation of {step.act}'
+    return size, f'; {what}'
+  return 0, ''
+
+
 def _copy_needs(step):
   """KerasTensors whose compact copy a step's backward reads."""
   if step.kind in plan_lib.LINEAR_KINDS:
@@ -73,7 +115,27 @@ def _copy_needs(step):
     return list(step.node.input_tensors[:1]) if trained else []
   if step.kind in plan_lib.COPY_POOL_KINDS or step.kind == 'generic':
     return list(step.node.input_tensors)
+  if step.kind == 'mha':  # the projections' inputs, each once
+    return list({id(t): t for t in step.node.input_tensors
+                 if tf.as_dtype(t.dtype).is_floating}.values())
   return []
+
+
+def _attention_bytes(layer, step, bits, shape_of):
+  """Bytes an ``'mha'`` or ``'softmax'`` step of ``layer`` keeps itself
+  (not its inputs' copies); ``shape_of(tensor)`` gives a tensor's traced
+  shape."""
+  if step.kind == 'softmax':
+    x = step.node.input_tensors[0]
+    return attention.row_codec_bytes(shape_of(x), bits, _itemsize(x))
+  if step.shapes is not None:  # a leaf call: shapes seen at run time
+    query_shape, value_shape, dropout = step.shapes
+  else:
+    query, value, _, _ = attention.bind(step.node.arguments.args,
+                                        step.node.arguments.kwargs)
+    query_shape, value_shape = shape_of(query), shape_of(value)
+    dropout = layer.dropout > 0  # the report traces a training call
+  return attention.kept_bytes(layer, query_shape, value_shape, bits, dropout)
 
 
 def _trace(compressed, sample):
@@ -120,6 +182,8 @@ def _plan_rows(compressed, batch_size, shapes):
   model_inputs = {id(t) for t in compressed.source.inputs}
   copied = {id(s.act_node.outputs[0] if s.act_node else s.node.outputs[0])
             for s in steps if s.kind == 'bn_act'}
+  copied |= {id(s.node.outputs[0]) for s in steps
+             if s.kind in norm_lib.KINDS}
   out = []
   for step in steps:
     keeps, size = _WHAT.get(step.kind, 'shapes only'), 0
@@ -139,6 +203,16 @@ def _plan_rows(compressed, batch_size, shapes):
     elif step.kind == 'maxpool_offsets':
       shape = _shape(step.node.outputs[0], batch_size, shapes)
       size = math.prod(shape)
+    elif step.kind in ('mha', 'softmax'):
+      size = _attention_bytes(step.layer, step, bits,
+                              lambda kt: _shape(kt, batch_size, shapes))
+    elif step.kind in norm_lib.KINDS + ('smooth_act',) or (
+        step.kind in plan_lib.LINEAR_KINDS and step.act):
+      size, text = own_bytes(
+          step, step.layer, bits, _shape(step.node.input_tensors[0], batch_size, shapes),
+          _shape(step.node.outputs[0], batch_size, shapes),
+          _itemsize(step.node.input_tensors[0]))
+      keeps += text
     for kt in _copy_needs(step):
       kt = links.get(id(kt), kt)
       inner = links.get(id(plan_lib.unpadded(kt)), plan_lib.unpadded(kt))
@@ -156,7 +230,8 @@ def _plan_rows(compressed, batch_size, shapes):
       size += codecs.copy_bytes(shape, q, _itemsize(kt)) * shape[0]
       keeps += f'; {q or 32}-bit copy of input {kt.shape}'
     name = getattr(step.layer, 'name', type(step.layer).__name__)
-    out.append(dict(layer=name, kind=step.kind, keeps=keeps, bytes=int(size),
+    out.append(dict(layer=name, kind=kind_label(step), keeps=keeps,
+                    bytes=int(size),
                     reason=step.reason))
   return out
 
@@ -188,6 +263,16 @@ def _leaf_rows(bits, record, paths):
       size += codecs.mask_bytes(shape) * shape[0]
     elif step.kind == 'maxpool_offsets':
       size += math.prod(layer.compute_output_shape(shape))
+    elif step.kind in ('mha', 'softmax'):
+      size += _attention_bytes(layer, step, bits,
+                               lambda t: [int(d) for d in t.shape])
+    elif step.kind in norm_lib.KINDS or step.act:
+      extra, text = own_bytes(
+          step, layer, bits, shape,
+          [int(d) for d in row.get('output_shape') or shape],
+          row['inputs'][0].dtype.size)
+      size += extra
+      keeps += text
     elif step.kind == 'bn_act':
       itemsize = row['inputs'][0].dtype.size
       size += codecs.copy_bytes(shape, bits, itemsize) * shape[0]
@@ -196,7 +281,7 @@ def _leaf_rows(bits, record, paths):
     if row['copies']:
       keeps += '; copy of its input'
     out.append(dict(layer=paths.get(id(layer)) or layer.name,
-                    kind=step.kind, keeps=keeps, bytes=int(size),
+                    kind=kind_label(step), keeps=keeps, bytes=int(size),
                     reason=step.reason))
   return out
 

@@ -24,7 +24,8 @@ try:  # one-pass BN+ReLU kernels, when the package has them
   from blpa import fused
 except ImportError:  # pragma: no cover
   fused = None
-from blpa.keras import backward, codecs, plan as plan_lib
+from blpa.keras import activations as activations_lib, backward, codecs, \
+    einsum, plan as plan_lib
 from blpa.keras.gradient import custom_op, logits_of, raw_variable, \
     trainable_of
 
@@ -166,20 +167,30 @@ class BatchNormCopy:
       self.fused = False
       self.z = z
 
-  def normalized(self):
-    """``(y_norm, h, masks)``: normalized input, BN output, ReLU masks."""
+  def normalized(self, rows=None):
+    """``(y_norm, h, masks)``: normalized input, BN output, ReLU masks.
+
+    Args:
+      rows: ``(start, stop)`` to compute only those rows of the batch
+        (from those rows of the copy), None for all.
+    """
+    shape, static_shape = self.shape, self.static_shape
+    if rows is not None:
+      shape = codecs.rows_shape(self.shape, *rows)
+      static_shape = tf.TensorShape([None]).concatenate(static_shape[1:])
     if self.bits:
-      approx, lower = quant.restore_act(self.codes, self.offset, self.bits)
-      approx = tf.reshape(approx, self.shape)
+      approx, lower = quant.restore_act(_rows_of(self.codes, rows),
+                                        self.offset, self.bits)
+      approx = tf.reshape(approx, shape)
       y_norm = self.sign * (approx - self.offset)
       if self.widen is not None:
         y_norm = y_norm * self.widen
       h = approx * self.cs
-      masks = [tf.reshape(lower, self.shape)] if self.act else []
+      masks = [tf.reshape(lower, shape)] if self.act else []
       if self.upper is not None:
-        masks.append(masks_lib.unpack(*self.upper))
+        masks.append(_rows_of(masks_lib.unpack(*self.upper), rows))
     else:
-      z = tf.cast(self.z, tf.float32)
+      z = tf.cast(_rows_of(self.z, rows), tf.float32)
       y_norm = (z - self.mean) * self.inv_sigma
       h = ops.batch_normalization(x=z, mean=self.mean,
                                   variance=self.variance, axis=-1,
@@ -189,7 +200,7 @@ class BatchNormCopy:
       if self.act == 'relu6':
         masks.append(h < 6.0)
     for t in (y_norm, h, *masks):
-      t.set_shape(self.static_shape)
+      t.set_shape(static_shape)
     return y_norm, h, masks
 
   def tensors(self):
@@ -219,18 +230,40 @@ class BatchNormCopy:
   def restore(self):
     """The (approximate) output of the activation (or of the BN), in the
     layer's compute dtype."""
-    return tf.cast(self._restore(), self.out_dtype)
+    return tf.cast(self._restore(act=self.act), self.out_dtype)
 
-  def _restore(self):
+  def restore_rows(self, start, stop, act=None):
+    """Rows ``start:stop`` of :meth:`restore`, from those rows of the
+    copy only (no full-size tensor).
+
+    Args:
+      start, stop: int32 scalars, ``0 <= start <= stop <= N``.
+      act: ``'relu'`` or ``'relu6'`` to apply that activation to the
+        output of a BN kept without one (the copy of the ReLU layer that
+        follows it, ``blpa.keras.leaves.ActOf``); None: the copy's own.
+    """
+    if act is not None and self.act and act != self.act:
+      raise ValueError(f'restore_rows(act={act!r}) of the copy of a BN '
+                       f'already followed by {self.act!r}')
+    return tf.cast(self._restore((start, stop), act or self.act),
+                   self.out_dtype)
+
+  def _restore(self, rows=None, act=None):
+    """float32 output of ``act`` (None: of the BN) for ``rows``."""
     if self.fused:
-      out = fused.bn_relu_restore(self.codes, self.cs, self.offset,
-                                  self.bits, relu=bool(self.act))
-      return tf.minimum(out, 6.0) if self.act == 'relu6' else out
-    _, h, masks = self.normalized()
-    if not self.act:
+      out = fused.bn_relu_restore(_rows_of(self.codes, rows), self.cs,
+                                  self.offset, self.bits, relu=bool(act))
+      return tf.minimum(out, 6.0) if act == 'relu6' else out
+    _, h, masks = self.normalized(rows)
+    if not act:
       return h
-    out = tf.where(masks[0], h, 0.0)
-    return tf.minimum(out, 6.0) if self.act == 'relu6' else out
+    out = tf.where(masks[0], h, 0.0) if self.act else tf.nn.relu(h)
+    return tf.minimum(out, 6.0) if act == 'relu6' else out
+
+
+def _rows_of(tensor, rows):
+  """``tensor[start:stop]`` for ``rows = (start, stop)``; all if None."""
+  return tensor if rows is None else tensor[rows[0]:rows[1]]
 
 
 def run_bn_act(layer, act_layer, act, z, bits, batch_stats):
@@ -275,7 +308,9 @@ def _linear_backward(kind, layer, x_shape, x, kernels, dy):
   """``(dx, kernel gradients)`` of a layer of ``plan.LINEAR_KINDS``."""
   if kind == 'separable':
     return backward.separable_conv2d(layer, x_shape, x, kernels, dy)
-  if kind == 'dense':
+  if kind == 'einsum_dense':
+    dx, dk = einsum.grads(layer.equation, x, kernels[0], dy)
+  elif kind == 'dense':
     dx, dk = backward.dense(x_shape, x, kernels[0], dy)
   else:
     dx, dk = _CONV_BACKWARD[kind](layer, x_shape, x, kernels[0], dy)
@@ -288,7 +323,34 @@ _CONV_BACKWARD = {'conv2d': backward.conv2d,
                   'conv2d_transpose': backward.conv2d_transpose}
 
 
-def run_linear(kind, layer, x, codec, call=None, act=None):
+def _pre_activation(kind, layer, x, dtype):
+  """A Dense/EinsumDense output before its activation: the ops of its
+  ``call`` (``ops.matmul``/``ops.einsum``, then ``ops.add`` of the bias,
+  variables cast to the compute dtype as autocasting does), so that
+  ``layer.activation(z)`` is its output bit for bit."""
+  x = autocast_input(layer, x)
+  kernel = tf.cast(tf.convert_to_tensor(raw_variable(layer.kernel)), dtype)
+  if kind == 'einsum_dense':
+    z = ops.einsum(layer.equation, x, kernel)
+  else:
+    z = ops.matmul(x, kernel)
+  if layer.bias is not None:
+    z = ops.add(z, tf.cast(tf.convert_to_tensor(raw_variable(layer.bias)),
+                           dtype))
+  return z
+
+
+def conv_chunk_rows(kind, layer, codec, input_shape, dtype):
+  """Examples per chunk of the kernel gradient of a Conv2D
+  (:func:`blpa.keras.backward.conv2d_chunk_rows`), None when it is
+  computed in one pass (another kind, frozen kernels, a codec that cannot
+  restore slices of the batch, or a small working set)."""
+  if kind != 'conv2d' or codec is None or not codecs.restores_rows(codec):
+    return None
+  return backward.conv2d_chunk_rows(layer, input_shape, dtype)
+
+
+def run_linear(kind, layer, x, codec, call=None, act=None, bits=0):
   """A layer of ``plan.LINEAR_KINDS`` (convolutions, Dense) with an
   analytic backward, computed in the layer's compute dtype.
 
@@ -299,41 +361,71 @@ def run_linear(kind, layer, x, codec, call=None, act=None):
     codec: the compact copy of ``x`` (None if the kernels are frozen).
     call: ``call(x)`` running the layer (default ``layer(x)``).
     act: ``'relu'`` or ``'relu6'`` when the layer's own ``activation`` is
-      one (its output's mask is kept, 1 bit per value), else None.
+      one (its output's mask is kept, 1 bit per value); for Dense and
+      EinsumDense, the name of a smooth one
+      (:func:`blpa.keras.activations.name_of`: the layer's output before
+      the activation is computed here, its derivative kept as
+      ``bits``-bit codes); else None.
+    bits: bits of a smooth activation's derivative codes (0: exact).
   """
-  has_bias = getattr(layer, 'use_bias', False) and layer.bias is not None
+  has_bias = getattr(layer, 'bias', None) is not None
+  smooth = act is not None and act not in plan_lib.MASK_ACTS
   variables = plan_lib.kernels_of(kind, layer)
   weights = trainable_of(variables + [layer.bias if has_bias else None])
   call = call or layer
   dtype = tf.as_dtype(layer.compute_dtype)
 
   def forward(xs):
-    out = call(xs[0])
-    packed = masks_lib.pack(relu_keep(act)(out))[0] if act else None
-    kept = (codec.tensors() if codec is not None else []) + [packed]
+    deriv = None
+    if smooth:
+      z = _pre_activation(kind, layer, xs[0], dtype)
+      out = layer.activation(z)
+      deriv = activations_lib.Derivative(layer.activation, act, z, bits)
+    else:
+      out = call(xs[0])
+    packed = masks_lib.pack(relu_keep(act)(out))[0] if act and \
+        not smooth else None
+    kept = (codec.tensors() if codec is not None else []) + [packed] + (
+        deriv.tensors() if deriv is not None else [])
     out = codecs.after(out, kept)
     kernels = [tf.cast(tf.convert_to_tensor(raw_variable(v)), dtype)
                for v in variables]
     x_shape = tf.shape(xs[0])
+    rows = conv_chunk_rows(kind, layer, codec, xs[0].shape, dtype)
 
     def restore():
       return tf.cast(codec.restore(), dtype)
+
+    def restore_rows(start, stop):
+      return tf.cast(codec.restore_rows(start, stop), dtype)
 
     def grad(douts):
       dout = tf.cast(douts[0], dtype)
       if packed is not None:
         dout = _after(douts, lambda: masks_lib.select(dout, packed))
-      x_kept = _after(douts, restore) if codec is not None else None
-      dx, dks = _linear_backward(kind, layer, x_shape, x_kept, kernels, dout)
+      elif deriv is not None:
+        dlogits = douts[1] if len(douts) > 1 else None
+        dout = _after(douts, lambda: deriv.grad(dout, dlogits))
+      if rows is not None:  # the input restored chunk by chunk, never whole
+        dx, dk = backward.conv2d_chunked(layer, x_shape, restore_rows,
+                                         kernels[0], dout, rows)
+        dks = [dk]
+      else:
+        x_kept = _after(douts, restore) if codec is not None else None
+        dx, dks = _linear_backward(kind, layer, x_shape, x_kept, kernels,
+                                   dout)
       by_var = {id(v): dk for v, dk in zip(variables, dks)}
       if has_bias:
-        by_var[id(layer.bias)] = backward.bias(dout)
+        by_var[id(layer.bias)] = einsum.bias_grad(
+            dout, layer.bias.shape) if kind == 'einsum_dense' else \
+            backward.bias(dout)
       weight_grads = [by_var[id(v)] for v in weights]
       return _handed_on([dx], weight_grads), weight_grads
 
     return out, grad
 
-  return custom_op(forward, [x], weights)
+  return custom_op(forward, [x], weights,
+                   logits=smooth and act in activations_lib.LOGIT_ACTS)
 
 
 # ---------------------------------------------------------------------------
