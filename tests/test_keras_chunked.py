@@ -160,15 +160,18 @@ def _conv_grad_ops(graph, seen=None):
   return found
 
 
-@pytest.mark.parametrize('threshold,label', [(0, b'eigen_tensor'),
-                                             (2**40, None)])
+@pytest.mark.parametrize('threshold,onednn,label', [
+    (0, '0', b'eigen_tensor'), (2**40, '0', None), (0, '1', None)])
 def test_large_convolutions_get_the_low_memory_kernels(monkeypatch,
-                                                       threshold, label):
+                                                       threshold, onednn,
+                                                       label):
   """In tf.function, a Conv2D whose output gradient reaches
   LOW_MEMORY_KERNEL_BYTES has both gradient ops labelled for TF's
   ``eigen_tensor`` kernels (no im2col buffer); smaller ones keep the
-  default kernels (no label)."""
+  default kernels (no label), and so does float32 when oneDNN is on (its
+  own kernels hold no such buffer; a labelled op would not get them)."""
   monkeypatch.setattr(backward, 'LOW_MEMORY_KERNEL_BYTES', threshold)
+  monkeypatch.setenv('TF_ENABLE_ONEDNN_OPTS', onednn)
   model = _model()
   compressed = compress(model, 4)
   x, y = kh.batch([BATCH, SIZE, SIZE, 3])
