@@ -52,11 +52,11 @@ def conv2d(layer, x_shape, x, kernel, dy):
   args = _conv_args(layer)
   dk = None
   if x is not None:
-    with low_memory_kernels(dy):
+    with low_memory_kernels(dy, layer.strides):
       dk = tf.raw_ops.Conv2DBackpropFilter(input=x,
                                            filter_sizes=tf.shape(kernel),
                                            out_backprop=dy, **args)
-  with _after(dk), low_memory_kernels(dy):
+  with _after(dk), low_memory_kernels(dy, layer.strides):
     dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=x_shape, filter=kernel,
                                         out_backprop=dy, **args)
   return dx, dk
@@ -72,7 +72,7 @@ _LOW_MEMORY_LABELS = {'Conv2DBackpropFilter': 'eigen_tensor',
 LOW_MEMORY_KERNEL_BYTES = 2**20
 
 
-def low_memory_kernels(dy):
+def low_memory_kernels(dy, strides=(1, 1)):
   """Context in which a Conv2D's gradient ops run TensorFlow's
   ``eigen_tensor`` CPU kernels, when ``dy`` is large.
 
@@ -84,15 +84,25 @@ def low_memory_kernels(dy):
   128, 24 MiB for the input gradient in bfloat16. The ``eigen_tensor``
   kernels of the same ops (Eigen's spatial-convolution backward) hold
   none for the kernel gradient and one output-sized block for the input
-  gradient. When oneDNN takes the op (float32, oneDNN on), its own kernel
-  runs and the label is ignored. No effect in eager mode, on a GPU, or
-  for small tensors (:data:`LOW_MEMORY_KERNEL_BYTES`).
+  gradient. In float32 with oneDNN on (:func:`onednn_enabled`; a
+  labelled op is not rewritten to oneDNN's kernels, whose float32
+  gradients hold no such block) only unstrided convolutions get the label:
+  there the Eigen kernels were faster than oneDNN's (the subclassed
+  ResNet-20's compressed step 0.82x plain's with them on every conv, 1.15x
+  with none), but on a strided one, ViT's 4x4 stride-4 patch embedding,
+  60 times slower (157 against 2.6 ms a step, batch 16). No effect in
+  eager mode, on a GPU, or for small tensors
+  (:data:`LOW_MEMORY_KERNEL_BYTES`).
+
+  Args:
+    dy: the output gradient.
+    strides: the convolution's strides (spatial).
   """
   shape = dy.shape
   small = (not shape.is_fully_defined() or
            shape.num_elements() * dy.dtype.size < LOW_MEMORY_KERNEL_BYTES)
   if small or tf.executing_eagerly() or _has_gpu() or (
-      dy.dtype == tf.float32 and onednn_enabled()):
+      dy.dtype == tf.float32 and max(strides) > 1 and onednn_enabled()):
     return contextlib.nullcontext()
   # A private Graph method (TF 2.x); without it, TF's default kernels run.
   label_map = getattr(tf.compat.v1.get_default_graph(), '_kernel_label_map',
@@ -107,12 +117,8 @@ def _has_gpu():
 
 
 def onednn_enabled():
-  """Whether TensorFlow runs its oneDNN CPU kernels (x86 Linux builds, on
-  unless ``TF_ENABLE_ONEDNN_OPTS`` is 0/false). A labelled op is not
-  rewritten to oneDNN's kernel: in float32 oneDNN's own gradient kernels
-  hold no im2col block, and the ``eigen_tensor`` kernel was 60 times slower
-  on a ViT's patch embedding (4x4 stride 4 on 3 channels: 157 against
-  2.6 ms per step, batch 16), so float32 keeps oneDNN."""
+  """Whether TensorFlow runs its oneDNN CPU kernels (its x86-64 Linux
+  builds, unless ``TF_ENABLE_ONEDNN_OPTS`` is 0/false)."""
   flag = os.environ.get('TF_ENABLE_ONEDNN_OPTS', '').strip().lower()
   if flag in ('0', 'false'):
     return False
@@ -224,14 +230,14 @@ def conv2d_chunked(layer, x_shape, x_rows, kernel, dy, rows):
 
   def chunk(start, stop):
     x = x_rows(start, stop)
-    with low_memory_kernels(dy):  # the loop body is a graph of its own
+    with low_memory_kernels(dy, layer.strides):  # the loop body's own graph
       return tf.raw_ops.Conv2DBackpropFilter(
           input=x, filter_sizes=filter_sizes, out_backprop=dy[start:stop],
           **args)
 
   dk = chunked_sum(chunk, x_shape[0], rows, kernel.shape, kernel.dtype,
                    after=[dy])
-  with _after(dk), low_memory_kernels(dy):
+  with _after(dk), low_memory_kernels(dy, layer.strides):
     dx = tf.raw_ops.Conv2DBackpropInput(input_sizes=x_shape, filter=kernel,
                                         out_backprop=dy, **args)
   return dx, dk
@@ -603,10 +609,10 @@ def _conv_undilated(rank, strides, padding, x_shape, x, kernel, dy):
     args['dilations'] = [1] * (len(strides) + 2)
   dk = None
   if x is not None:
-    with low_memory_kernels(dy):
+    with low_memory_kernels(dy, strides):
       dk = backprop_filter(input=x, filter_sizes=tf.shape(kernel),
                            out_backprop=dy, **args)
-  with _after(dk), low_memory_kernels(dy):
+  with _after(dk), low_memory_kernels(dy, strides):
     dx = backprop_input(input_sizes=x_shape, filter=kernel, out_backprop=dy,
                         **args)
   if rank == 1:
