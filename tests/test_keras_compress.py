@@ -436,13 +436,21 @@ def test_projection_shortcut_resnet_with_dropout_bits0_equals_keras():
   h = keras.layers.Dropout(0.3)(base.layers[-2].output)
   model = keras.Model(base.inputs, base.layers[-1](h))
   x, y = kh.batch([4, 16, 16, 3])
+  grads = _from_one_start(model, compress(model, 0),
+                          lambda m: kh.loss_and_grads(m, x, y)[1])
+  kh.assert_same_gradients(grads[0], grads[1])
+
+
+def _from_one_start(model, compressed, run):
+  """``[run(model), run(compressed)]``, each from ``model``'s variables
+  as they are now (restored between the two runs)."""
   start = [v.numpy() for v in model.variables]
-  grads = []
-  for m in (model, compress(model, 0)):
+  results = []
+  for m in (model, compressed):
     for v, value in zip(model.variables, start):
       v.assign(value)
-    grads.append(kh.loss_and_grads(m, x, y)[1])
-  kh.assert_same_gradients(grads[0], grads[1])
+    results.append(run(m))
+  return results
 
 
 def test_fit_at_bits0_gives_the_weights_plain_fit_gives(resnet):
@@ -451,15 +459,15 @@ def test_fit_at_bits0_gives_the_weights_plain_fit_gives(resnet):
   (float rounding aside)."""
   x, y = kh.batch([16, 16, 16, 3])
   start = [v.numpy() for v in resnet.variables]
-  after = []
-  for m in (resnet, compress(resnet, 0)):
-    for v, value in zip(resnet.variables, start):
-      v.assign(value)
+
+  def fit(m):
     m.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
               loss=keras.losses.SparseCategoricalCrossentropy(
                   from_logits=True))
     m.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
-    after.append([v.numpy() for v in resnet.variables])
+    return [v.numpy() for v in resnet.variables]
+
+  after = _from_one_start(resnet, compress(resnet, 0), fit)
   moved = kh.global_rel_error(start, after[0])
   assert moved > 1e-3
   assert kh.global_rel_error(after[0], after[1]) <= 1e-5 * max(1.0, moved)
